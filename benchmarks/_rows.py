@@ -1,0 +1,377 @@
+"""The ablation's rows: one line each in :data:`ROWS`, name -> :class:`Row`.
+
+A row builds its optimizer for a model; nothing else about training differs
+between rows (same model init, data order, schedule and evaluation). Learning
+rates are explicit here and are the peak of the shared schedule (linear warm-up,
+then cosine decay to 10 %):
+
+- AdamW-type rows: lr 2e-3, betas (0.9, 0.95), weight decay 0.1 (0 on vectors).
+- Dion rows: lr 0.02 on hidden matrices, mu 0.95, weight decay 0.01; the
+  element-wise groups (embeddings, head, biases, norms) use Lion at lr 3e-3
+  (or AdamW at 6e-3 in ``dion_fp32_adamw``), betas (0.9, 0.95).
+- Muon: lr 0.02 on hidden matrices (torch's default ``adjust_lr_fn``:
+  lr * sqrt(max(1, rows / cols))), AdamW 2e-3 on the rest.
+
+How they were picked: one sweep on the default model (d 128, 2 layers, seq 64,
+global batch 32, 300 steps, seed 0, final validation loss in nats/byte):
+AdamW 1e-3 2.29, 1.5e-3 2.18, **2e-3 2.14**, 3e-3 2.20, 4e-3 2.28, 6e-3 2.44;
+Dion 0.01 / 0.02 / 0.03 / 0.05 with Lion 1e-3: 1.95 / 1.91 / 1.89 / 2.02;
+Dion 0.02 with Lion 3e-4 / 1e-3 / 2e-3 / **3e-3** / 5e-3: 2.01 / 1.91 / 1.88 /
+1.87 / 1.88; Dion 0.02 with AdamW scalars 3e-3 / **6e-3** / 1e-2: 1.89 / 1.86 /
+1.87. Re-checked at the default 120 steps: AdamW 2e-3 / 3e-3 / 4e-3: 2.60 / 2.63 /
+2.77; Dion 0.02 / 0.03 with Lion 3e-3: 2.28 / 2.27, 0.02 with Lion 1e-3: 2.33.
+A byte-level model leans on its embedding and head, so the element-wise rule
+wants a larger lr than usual for Lion. Re-tune when the model changes.
+
+Dion rows are built in the first communication mode the library supports (see
+:func:`dion_modes`: the DDP hook, Dion's own ``grad_sync``, or plain DDP with
+Dion non-replicated); the mode is recorded with every result.
+
+A feature the library does not have yet raises (``NotImplementedError``,
+``TypeError``, ``ImportError``, ``AttributeError``) when the row is built; the
+ablation then reports the row as "not available: <reason>" instead of faking it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_ROWS",
+    "DION_COMM_MODES",
+    "ROWS",
+    "BuildContext",
+    "OptimizerList",
+    "Row",
+    "dion_hooks_available",
+    "dion_modes",
+    "state_bytes",
+    "unavailable_reason",
+]
+
+ADAMW = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+DION = dict(lr=0.02, mu=0.95, weight_decay=0.01, betas=(0.9, 0.95))
+SCALAR_LR = {"lion": 3e-3, "adamw": 6e-3}
+MUON_LR = 0.02
+HYPERPARAMETERS = {"adamw": ADAMW, "dion": DION, "dion_scalar_lr": SCALAR_LR, "muon_lr": MUON_LR}
+UNAVAILABLE = (NotImplementedError, TypeError, ImportError, AttributeError)
+
+
+DION_COMM_MODES = ("auto", "hook", "sync", "ddp")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a row factory may use besides the model.
+
+    Attributes:
+        process_group: the data-parallel group (None when not distributed).
+        world_size: ranks in the group.
+        seed: the run's seed (Dion's Q and rounding generators).
+        dion_comm: how Dion rows communicate (see :func:`dion_modes`).
+        local_group: a group holding only this rank, for Dion under DDP
+            ("ddp" mode: Dion must not exchange anything itself).
+    """
+
+    process_group: Any = None
+    world_size: int = 1
+    seed: int = 0
+    dion_comm: str = "auto"
+    local_group: Any = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the ablation.
+
+    Attributes:
+        build: ``(model, ctx) -> optimizer`` (raises an UNAVAILABLE error if a
+            feature is missing).
+        kind: "baseline" (DDP all-reduce of gradients) or "dion" (see
+            ``benchmarks._train.wrap_model``).
+        comm_dtype: the factor-exchange format the row is about ("fp32" if none).
+        full_only: kept out of the default grid (too slow for its budget); why in ``note``.
+        note: shown in the report.
+    """
+
+    build: Callable[[nn.Module, BuildContext], Any]
+    kind: str = "baseline"
+    comm_dtype: str = "fp32"
+    full_only: bool = False
+    note: str = ""
+
+
+class OptimizerList:
+    """Several optimizers stepped as one (Muon on matrices + AdamW on the rest)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = list(optimizers)
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        """Step every optimizer."""
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every optimizer's gradients."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+
+# ----------------------------------------------------------------------------- splits
+def _split_named(model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """(hidden 2-D matrices, embeddings + head, vectors), each parameter once."""
+    embed_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) or module is getattr(model, "lm_head", None):
+            embed_ids.update(id(p) for p in module.parameters(recurse=False))
+    hidden, embeds, vectors = [], [], []
+    for p in model.parameters():
+        if id(p) in embed_ids:
+            embeds.append(p)
+        elif p.ndim == 2:
+            hidden.append(p)
+        else:
+            vectors.append(p)
+    return hidden, embeds, vectors
+
+
+def _adamw_groups(params_by_kind: list[list[Tensor]]) -> list[dict[str, Any]]:
+    """Weight decay on matrices, none on vectors (the last list)."""
+    *decayed, vectors = params_by_kind
+    groups = [{"params": [p for ps in decayed for p in ps]}]
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- baselines
+def _adamw(model: nn.Module, ctx: BuildContext) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_adamw_groups(list(_split_named(model))), **ADAMW)
+
+
+def _muon(model: nn.Module, ctx: BuildContext) -> OptimizerList:
+    hidden, embeds, vectors = _split_named(model)
+    muon = torch.optim.Muon(hidden, lr=MUON_LR, weight_decay=0.01, momentum=0.95)
+    return OptimizerList(muon, torch.optim.AdamW(_adamw_groups([embeds, vectors]), **ADAMW))
+
+
+def _adamw8bit_bnb(model: nn.Module, ctx: BuildContext) -> torch.optim.Optimizer:
+    bnb_optim = importlib.import_module("bitsandbytes.optim")
+    return bnb_optim.AdamW8bit(_adamw_groups(list(_split_named(model))), **ADAMW)
+
+
+def _adamw8bit_torchao(model: nn.Module, ctx: BuildContext) -> torch.optim.Optimizer:
+    """torchao's AdamW8bit state format and update rule, run eagerly.
+
+    ``torchao.optim.AdamW8bit.step`` wraps its per-parameter update in
+    ``torch.compile(fullgraph=True, dynamic=False)``: about 30 s of compilation
+    per distinct parameter shape on this CPU, so far beyond a row's budget. The
+    subclass below calls the same ``single_param_adam`` function without
+    compiling it: identical numerics and state bytes, but its step time is the
+    eager (slower) one and is not representative of compiled torchao.
+    """
+    ao_optim = importlib.import_module("torchao.optim")
+    single_param_adam = importlib.import_module("torchao.optim.adam").single_param_adam
+
+    class EagerAdamW8bit(ao_optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure: Callable[[], Any] | None = None) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    st = self.state[p]
+                    if not st:
+                        st["step"] = torch.tensor(0.0)
+                        st["exp_avg"] = self._new_buffer(p, True)
+                        st["exp_avg_sq"] = self._new_buffer(p, False)
+                    st["step"] += 1
+                    beta1, beta2 = group["betas"]
+                    single_param_adam(
+                        p.detach(), p.grad, st["step"], st["exp_avg"], st["exp_avg_sq"], None,
+                        group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
+                        True, False,
+                    )  # fmt: skip
+
+    return EagerAdamW8bit(_adamw_groups(list(_split_named(model))), **ADAMW)
+
+
+# ----------------------------------------------------------------------------- Dion
+class NoDionModeError(NotImplementedError):
+    """No communication mode of a Dion row could be built; the message says why for each."""
+
+
+def dion_hooks_available() -> bool:
+    """Does ``dion_lp.hooks`` offer a DDP hook for Dion (``register_ddp`` or ``dion_hook``)?"""
+    try:
+        hooks = importlib.import_module("dion_lp.hooks")
+    except ImportError:
+        return False
+    return hasattr(hooks, "register_ddp") or (
+        hasattr(hooks, "DionHookState") and hasattr(hooks, "dion_hook")
+    )
+
+
+def dion_modes(ctx: BuildContext) -> tuple[str, ...]:
+    """Communication modes to try for a Dion row, best first.
+
+    - "hook": DDP with the library's Dion hook; Dion built with the process
+      group exchanges its factors, the hook averages the other gradients.
+    - "sync": no DDP; Dion built with the process group and ``grad_sync=True``
+      exchanges its factors and averages the element-wise gradients itself.
+    - "ddp": DDP all-reduces every gradient in fp32 and Dion, built with a
+      one-rank group, runs non-replicated on the averaged gradients.
+
+    "auto" tries them in that order (the hook only when ``dion_lp.hooks`` has one).
+    """
+    if ctx.world_size == 1:
+        return ("none",)
+    if ctx.dion_comm != "auto":
+        return (ctx.dion_comm,)
+    return ("hook", "sync", "ddp") if dion_hooks_available() else ("sync", "ddp")
+
+
+def _dion_kwargs(mode: str, comm: str, ctx: BuildContext) -> dict[str, Any]:
+    if mode == "none":
+        return {"process_group": None}
+    if mode == "hook":
+        if not dion_hooks_available():
+            raise NotImplementedError("dion_lp.hooks has no DDP hook for Dion")
+        return {"process_group": ctx.process_group, "grad_sync": False}
+    if mode == "sync":
+        return {"process_group": ctx.process_group, "grad_sync": True}
+    if comm != "fp32":  # under plain DDP nothing goes through Dion's wire format
+        raise NotImplementedError(f"comm_dtype={comm} needs replicated Dion ('hook' or 'sync')")
+    return {"process_group": ctx.local_group}
+
+
+def _dion(scalar: str = "lion", **options: Any) -> Callable[[nn.Module, BuildContext], Any]:
+    """A factory of ``dion_lp.Dion`` with ``options`` on top of :data:`DION`.
+
+    Tries the modes of :func:`dion_modes` in order and tags the optimizer with
+    the one that was built (``opt.ablation_comm``), which
+    ``benchmarks._train.wrap_model`` reads. If none can be built, raises
+    ``NotImplementedError`` listing why each failed.
+    """
+
+    def build(model: nn.Module, ctx: BuildContext) -> Any:
+        dion_lp = importlib.import_module("dion_lp")
+        comm = options.get("comm_dtype", "fp32")
+        reasons = []
+        for mode in dion_modes(ctx):
+            groups = dion_lp.param_groups(model, scalar_algorithm=scalar)
+            for group in groups:
+                if group.get("algorithm") != "dion":
+                    group["lr"] = SCALAR_LR[scalar]
+            try:
+                kwargs = {**DION, **options, **_dion_kwargs(mode, comm, ctx), "seed": ctx.seed}
+                opt = dion_lp.Dion(groups, **kwargs)
+            except UNAVAILABLE as exc:
+                reasons.append(f"[{mode}] {unavailable_reason(exc)}")
+                continue
+            opt.ablation_comm = mode
+            return opt
+        raise NoDionModeError("; ".join(reasons))
+
+    return build
+
+
+def _row_dion(full_only: bool = False, note: str = "", **options: Any) -> Row:
+    return Row(
+        build=_dion(**options),
+        kind="dion",
+        comm_dtype=options.get("comm_dtype", "fp32"),
+        full_only=full_only,
+        note=note,
+    )
+
+
+_MUON_NOTE = (
+    "torch.optim.Muon runs Newton-Schulz in bf16, ~30x slower than fp32 matmuls on this CPU: "
+    "~0.45 s/step, 4.5x Dion fp32 (~90 s per 200-step row); full grid only"
+)
+_AO_NOTE = "eager single_param_adam (torch.compile costs ~30 s per shape): step time not comparable"
+
+ROWS: dict[str, Row] = {
+    "adamw": Row(_adamw),
+    "muon": Row(_muon, full_only=True, note=_MUON_NOTE),
+    "adamw8bit_torchao": Row(_adamw8bit_torchao, full_only=True, note=_AO_NOTE),
+    "adamw8bit_bnb": Row(_adamw8bit_bnb),
+    "dion_fp32": _row_dion(),
+    "dion_fp32_adamw": _row_dion(scalar="adamw", full_only=True, note="AdamW scalars at 6e-3"),
+    "dion_bf16_comm": _row_dion(comm_dtype="bf16"),
+    "dion_fp8e4m3_comm": _row_dion(comm_dtype="fp8_e4m3"),
+    "dion_fp8e5m2_comm": _row_dion(comm_dtype="fp8_e5m2"),
+    "dion_int8_mom": _row_dion(momentum_dtype="int8"),
+    "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3"),
+    "dion_int8_mom_nearest": _row_dion(momentum_dtype="int8", stochastic_rounding=False),
+    "dion_int8_mom_residual": _row_dion(momentum_dtype="int8", momentum_residual=True),
+    "dion_rank1_4": _row_dion(rank_fraction=0.25),
+    "dion_rank1_16": _row_dion(rank_fraction=1 / 16),
+}
+DEFAULT_ROWS: tuple[str, ...] = tuple(name for name, row in ROWS.items() if not row.full_only)
+REFERENCE_ROW = "dion_fp32"
+
+
+def unavailable_reason(exc: BaseException) -> str:
+    """The "not available" text for an error raised while building a row."""
+    if isinstance(exc, NoDionModeError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- state bytes
+def _tensor_parts(t: Tensor) -> list[Tensor]:
+    """Plain tensors behind ``t`` (a tensor subclass is flattened, e.g. torchao's 8-bit state)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t) in (Tensor, nn.Parameter):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [part for name in names for part in _tensor_parts(getattr(t, name))]
+
+
+def _walk(value: Any, out: list[Tensor]) -> None:
+    if isinstance(value, Tensor):
+        out.extend(_tensor_parts(value))
+    elif isinstance(value, dict):
+        for v in value.values():
+            _walk(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _walk(v, out)
+
+
+def state_bytes(opt: Any) -> int:
+    """Bytes of every optimizer-state tensor, each storage counted once.
+
+    Uses ``opt.state_bytes()`` when the optimizer has it (dion_lp.Dion); otherwise
+    walks ``opt.state`` (of each optimizer of an :class:`OptimizerList`), flattening
+    tensor subclasses and counting a storage shared by several states (bitsandbytes'
+    quantization maps) once.
+
+    Args:
+        opt: an optimizer or an :class:`OptimizerList`.
+
+    Returns:
+        Total bytes.
+    """
+    if isinstance(opt, OptimizerList):
+        return sum(state_bytes(o) for o in opt.optimizers)
+    if callable(getattr(opt, "state_bytes", None)):
+        return int(opt.state_bytes())
+    tensors: list[Tensor] = []
+    _walk(dict(opt.state), tensors)
+    seen: dict[tuple[int, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+    return sum(seen.values())

@@ -1,0 +1,605 @@
+"""Codecs for low-precision state and communication: pure functions, one interface.
+
+Every format turns a float tensor into ``codes`` (one per element, no padding)
+and, for the 8-bit formats, one float32 ``scale`` per block of ``block_size``
+consecutive elements of the flattened tensor (the last block may be short).
+
+=============  ==================  ===================  ==============================
+format         codes dtype         scale per block      decoded value
+=============  ==================  ===================  ==============================
+``fp32``       float32             none                 ``code``
+``bf16``       bfloat16            none                 ``code``
+``int8``       int8 in [-127,127]  ``absmax / 127``     ``code * scale``
+``fp8_e4m3``   float8_e4m3fn       ``absmax / 448``     ``code * scale``
+``fp8_e5m2``   float8_e5m2         ``absmax / 57344``   ``code * scale``
+``dynamic8``   uint8               ``absmax``           ``dynamic_map(True)[code] * scale``
+``udynamic8``  uint8               ``absmax``           ``dynamic_map(False)[code] * scale``
+=============  ==================  ===================  ==============================
+
+Rounding is to nearest (ties to even for the float formats and int8, ties to
+the lower code for the dynamic codebooks, as bitsandbytes does) or stochastic:
+the two representable neighbours of a value are chosen with probability
+proportional to the distance to the other one, so the expected decoded value
+is the input (unbiased), exactly representable values never move and zeros
+stay zeros. Values beyond a format's range saturate to its largest finite
+value; they never become inf or NaN. The one exception to unbiasedness is the
+signed dynamic codebook, whose most negative entry is -0.99297 and not -1: a
+value in [-absmax, -0.99297 absmax) always rounds to that entry (as in
+bitsandbytes).
+
+Stochastic rounding draws from ``generator`` (a ``torch.Generator`` on the
+tensor's device), so the same generator state gives the same codes. With
+``generator=None`` it draws from torch's global default generator. bf16 adds
+16 random bits (exactly unbiased); the scaled formats compare 31 random bits
+with the exact fraction of the grid step, so their bias is below 2^-24 of a
+step.
+
+Normalisation: int8 and fp8 divide by the scale (``y = x / scale``); the
+dynamic codebooks multiply by ``1 / absmax`` and clamp to [-1, 1], as
+bitsandbytes does. A block whose absmax is below ~1e-36 gets an fp32
+subnormal scale and loses relative precision (such values are zero for any
+optimizer purpose); an all-zero block stores scale 0 and decodes to zeros.
+
+Everything is computed in float32 with whole-tensor operations; the only
+Python-level branching is per call (at most two pieces per tensor: the full
+blocks and a short tail block).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FORMATS",
+    "SCALED_FORMATS",
+    "QuantizedTensor",
+    "bytes_per_element",
+    "check_block_size",
+    "check_format",
+    "code_dtype",
+    "decode",
+    "dequantize",
+    "dynamic_map",
+    "encode_",
+    "encoded_nbytes",
+    "quantize",
+    "scale_count",
+]
+
+FORMATS = ("fp32", "bf16", "int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
+SCALED_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
+
+_CODE_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+    "dynamic8": torch.uint8,
+    "udynamic8": torch.uint8,
+}
+_SCALE_NBYTES = 4  # float32 scales
+_INT8_MAX = 127.0
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+@dataclass(frozen=True)
+class _Fp8Grid:
+    """Layout of an fp8 format: ``max`` finite value, mantissa bits, min normal exponent."""
+
+    max: float
+    mantissa_bits: int
+    min_exponent: int
+
+
+_FP8_GRIDS = {
+    "fp8_e4m3": _Fp8Grid(max=448.0, mantissa_bits=3, min_exponent=-6),
+    "fp8_e5m2": _Fp8Grid(max=57344.0, mantissa_bits=2, min_exponent=-14),
+}
+
+
+# ---------------------------------------------------------------- validation
+def check_format(fmt: str, allowed: Sequence[str] = FORMATS, name: str = "fmt") -> str:
+    """Return ``fmt`` if it is one of ``allowed``, else raise a ``ValueError`` naming ``name``."""
+    if not isinstance(fmt, str) or fmt not in allowed:
+        raise ValueError(f"Invalid {name}: {fmt!r}; expected one of {tuple(allowed)}")
+    return fmt
+
+
+def check_block_size(block_size: int) -> int:
+    """Return ``block_size`` if it is an integer >= 1, else raise a ``ValueError``."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"Invalid block_size: {block_size!r}; expected an integer >= 1")
+    return block_size
+
+
+# --------------------------------------------------------------------- sizes
+def code_dtype(fmt: str) -> torch.dtype:
+    """The dtype in which ``fmt`` stores its codes (e.g. ``torch.float8_e4m3fn``)."""
+    return _CODE_DTYPES[check_format(fmt)]
+
+
+def bytes_per_element(fmt: str) -> int:
+    """Bytes of one code of ``fmt`` (4, 2 or 1), scales not included."""
+    return _CODE_DTYPES[check_format(fmt)].itemsize
+
+
+def scale_count(numel: int, block_size: int, fmt: str) -> int:
+    """Number of float32 scales of ``numel`` elements: ``ceil(numel / block_size)``, or 0.
+
+    Args:
+        numel: elements encoded.
+        block_size: elements per scale.
+        fmt: a format of :data:`FORMATS`; fp32 and bf16 have no scales.
+    """
+    check_block_size(block_size)
+    if check_format(fmt) not in SCALED_FORMATS:
+        return 0
+    return -(-numel // block_size)
+
+
+def encoded_nbytes(numel: int, fmt: str, block_size: int) -> int:
+    """Exact bytes of ``numel`` encoded elements: codes plus float32 scales.
+
+    Args:
+        numel: elements encoded.
+        fmt: a format of :data:`FORMATS`.
+        block_size: elements per scale.
+    """
+    codes = numel * bytes_per_element(fmt)
+    return codes + _SCALE_NBYTES * scale_count(numel, block_size, fmt)
+
+
+# ----------------------------------------------------------------- codebooks
+def dynamic_map(signed: bool = True) -> Tensor:
+    """The 256-entry dynamic-tree codebook of 8-bit optimizers, sorted ascending (float32, CPU).
+
+    Dettmers (2015), "8-Bit Approximations for Parallelism in Deep Learning", with
+    the layout of ``bitsandbytes.functional.create_dynamic_map(signed)`` (7 exponent
+    bits, 8 bits in all), to which it is equal. For each decade ``i = 0 .. 6`` the
+    interval [0.1, 1] is split into ``k = 2**i`` equal parts (``2**(i+1)`` when
+    unsigned: the sign bit becomes a fraction bit) whose midpoints, times
+    ``10**(i - 6)``, are the codes of that decade: few, coarse codes near 1e-6
+    and many, fine ones near 1. The signed map holds them with both signs; both
+    maps add 0 and 1.0 (127 + 127 + 2, or 254 + 2 entries).
+
+    Args:
+        signed: the signed map (range [-0.993, 1]) or the unsigned one (range [0, 1]).
+
+    Returns:
+        (256,) float32 tensor, sorted ascending.
+    """
+    parts = [torch.zeros(1), torch.ones(1)]
+    for i in range(7):
+        k = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, k + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        decade = (10.0 ** (i - 6)) * midpoints
+        parts += [decade, -decade] if signed else [decade]
+    return torch.sort(torch.cat(parts)).values
+
+
+@dataclass(frozen=True)
+class _CodebookIndex:
+    """Constant-time lookup of a sorted codebook for values ``v`` in [-1, 1].
+
+    A binary search costs 8 dependent steps per element; instead the fp32 bit
+    pattern of ``v`` is cut after its top ``32 - shift`` bits (sign, exponent
+    and a few mantissa bits) into a bucket, and tables per bucket hold the
+    answer at the bucket's lowest value plus the one boundary the bucket may
+    contain (buckets are narrower than the codebook's gaps; checked on build).
+    Every table entry is computed in float64 from the codebook, so the lookups
+    are exact: ``nearest`` is the nearest code with ties to the lower one.
+    """
+
+    book: Tensor  # (256,) float32, sorted
+    shift: int
+    nearest: Tensor  # (buckets,) uint8: nearest code of the bucket's lowest value
+    threshold: Tensor  # (buckets,) float32: v > threshold -> nearest + 1; inf if none
+    below: Tensor  # (buckets,) int32: last code <= the bucket's lowest value (0 if none)
+    next_code: Tensor  # (buckets,) float32: book[below + 1] if inside the bucket, else inf
+
+    def buckets(self, v: Tensor) -> Tensor:
+        """Bucket of each float32 ``v`` (int32, same shape)."""
+        return (v.view(torch.int32) >> self.shift).bitwise_and_((1 << (32 - self.shift)) - 1)
+
+
+def _bucket_bounds(shift: int) -> tuple[Tensor, Tensor]:
+    """Lowest and highest float64 value of every bucket, clamped to [-1, 1]."""
+    first = torch.arange(1 << (32 - shift), dtype=torch.int64) << shift
+    ends = []
+    for bits in (first, first + (1 << shift) - 1):
+        bits = torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32)
+        value = bits.view(torch.float32).double()  # inf and NaN buckets are never used
+        ends.append(value.nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp(-1.0, 1.0))
+    return torch.minimum(*ends), torch.maximum(*ends)
+
+
+def _nearest_exact(book: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(nearest code index, midpoint above it) of float64 ``v``; ties go to the lower code."""
+    top = book.numel() - 1
+    hi = torch.searchsorted(book, v).clamp_(max=top)
+    lo = (hi - 1).clamp_(min=0)
+    up = (v - book[lo]) > (book[hi] - v)
+    idx = torch.where(up, hi, lo)
+    return idx, (book[idx] + book[(idx + 1).clamp_(max=top)]) / 2
+
+
+def _build_index(book32: Tensor) -> _CodebookIndex:
+    """Bucket tables of ``book32`` (sorted); the widest buckets that hold one boundary at most."""
+    book = book32.double()
+    top = book.numel() - 1
+    for shift in (16, 15, 14, 13, 12):
+        v_lo, v_hi = _bucket_bounds(shift)
+        nearest, mid = _nearest_exact(book, v_lo)
+        below = (torch.searchsorted(book, v_lo, right=True) - 1).clamp_(min=0)
+        below_hi = (torch.searchsorted(book, v_hi, right=True) - 1).clamp_(min=0)
+        steps = _nearest_exact(book, v_hi)[0] - nearest
+        if steps.max() > 1 or (below_hi - below).max() > 1:
+            continue
+        # largest float32 <= the exact midpoint: v > it  <=>  v > midpoint, for float32 v
+        threshold = mid.float()
+        threshold = torch.where(
+            threshold.double() > mid,
+            torch.nextafter(threshold, torch.tensor(-torch.inf)),
+            threshold,
+        )
+        inf = torch.tensor(torch.inf)
+        next_code = book32[(below + 1).clamp_(max=top)]
+        return _CodebookIndex(
+            book=book32,
+            shift=shift,
+            nearest=nearest.to(torch.uint8),
+            threshold=torch.where(steps > 0, threshold, inf),
+            below=below.to(torch.int32),
+            next_code=torch.where(below_hi > below, next_code, inf),
+        )
+    raise AssertionError("codebook gaps narrower than the finest bucket")
+
+
+_CODEBOOK_INDEXES: dict[tuple[str, str], _CodebookIndex] = {}
+
+
+def _codebook_index(fmt: str, device: torch.device) -> _CodebookIndex:
+    """Cached :class:`_CodebookIndex` of ``dynamic8`` / ``udynamic8`` on ``device``."""
+    key = (fmt, str(device))
+    index = _CODEBOOK_INDEXES.get(key)
+    if index is None:
+        index = _build_index(dynamic_map(signed=fmt == "dynamic8"))
+        tensors = {k: v.to(device) for k, v in vars(index).items() if isinstance(v, Tensor)}
+        index = _CodebookIndex(shift=index.shift, **tensors)
+        _CODEBOOK_INDEXES[key] = index
+    return index
+
+
+# ------------------------------------------------------------ public surface
+@dataclass
+class QuantizedTensor:
+    """A tensor in a low-precision format: flat codes plus per-block scales.
+
+    Attributes:
+        codes: (numel,) codes in :func:`code_dtype` of ``fmt``.
+        scales: (ceil(numel / block_size),) float32 scales, or None for fp32 / bf16.
+        fmt: one of :data:`FORMATS`.
+        shape: shape of the quantized tensor.
+        dtype: dtype of the quantized tensor (dequantize returns float32 regardless).
+        block_size: elements per scale.
+    """
+
+    codes: Tensor
+    scales: Tensor | None
+    fmt: str
+    shape: torch.Size
+    dtype: torch.dtype
+    block_size: int
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held by ``codes`` and ``scales``."""
+        total = self.codes.numel() * self.codes.element_size()
+        if self.scales is not None:
+            total += self.scales.numel() * self.scales.element_size()
+        return total
+
+
+def quantize(
+    x: Tensor,
+    fmt: str,
+    *,
+    block_size: int = 256,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> QuantizedTensor:
+    """Encode ``x`` in ``fmt``; new tensors, ``x`` is not modified.
+
+    Args:
+        x: float tensor of any shape (flattened in row-major order into blocks).
+        fmt: one of :data:`FORMATS`.
+        block_size: elements per scale (8-bit formats); must be >= 1.
+        stochastic: unbiased stochastic rounding instead of round-to-nearest.
+        generator: random source of stochastic rounding, on ``x.device``;
+            None draws from torch's global generator.
+
+    Raises:
+        ValueError: invalid ``fmt`` or ``block_size``, NaN/Inf in ``x``, or a
+            negative value with ``udynamic8``.
+    """
+    check_format(fmt)
+    check_block_size(block_size)
+    flat = x.detach().reshape(-1)
+    codes = torch.empty(flat.numel(), dtype=_CODE_DTYPES[fmt], device=x.device)
+    count = scale_count(flat.numel(), block_size, fmt)
+    scales = (
+        torch.empty(count, dtype=torch.float32, device=x.device) if fmt in SCALED_FORMATS else None
+    )
+    encode_(flat, codes, scales, fmt, block_size, stochastic, generator)
+    return QuantizedTensor(codes, scales, fmt, x.shape, x.dtype, block_size)
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """Decode ``q`` into a new float32 tensor of shape ``q.shape`` on the device of ``q.codes``."""
+    out = torch.empty(q.codes.numel(), dtype=torch.float32, device=q.codes.device)
+    decode(q.codes, q.scales, q.fmt, q.block_size, q.codes.numel(), out=out)
+    return out.view(q.shape)
+
+
+# --------------------------------------------------------------- low level
+def _as_codes(codes: Tensor, fmt: str) -> Tensor:
+    """``codes`` viewed in the code dtype of ``fmt`` (e.g. a uint8 wire buffer of fp8 codes)."""
+    want = _CODE_DTYPES[fmt]
+    return codes if codes.dtype == want else codes.view(want)
+
+
+def _checked_scales(scales: Tensor | None, count: int, name: str) -> Tensor:
+    """``scales`` as a flat float32 tensor of ``count`` elements, or a ValueError naming it."""
+    if scales is None or scales.numel() != count or scales.dtype != torch.float32:
+        got = "None" if scales is None else f"{scales.numel()} {scales.dtype}"
+        raise ValueError(f"Invalid {name}: {got}; expected {count} float32 scales")
+    return scales.view(-1)
+
+
+def _pieces(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
+    """Split ``numel`` elements into at most two runs of whole blocks.
+
+    Returns (start, stop, first_block, rows) per run: the full blocks, then the
+    short tail block if ``numel`` is not a multiple of ``block_size``.
+    """
+    full = numel // block_size
+    pieces = []
+    if full:
+        pieces.append((0, full * block_size, 0, full))
+    if full * block_size < numel:
+        pieces.append((full * block_size, numel, full, 1))
+    return pieces
+
+
+def _round_up(frac: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Bool tensor, True with probability ``frac`` (in [0, 1)) per element; ``frac`` is consumed.
+
+    Compares 31 uniform random bits with ``frac * 2**31`` (cheaper than a float
+    draw on CPU); the float32 comparison shifts the probability by < 2^-24 frac.
+    """
+    bits = torch.empty(frac.shape, dtype=torch.int32, device=frac.device)
+    return bits.random_(generator=generator) < frac.mul_(2.0**31)
+
+
+def _lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for an int32 ``index`` of any shape (index_select: the fast gather)."""
+    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+
+def encode_(
+    x: Tensor,
+    codes_out: Tensor,
+    scales_out: Tensor | None,
+    fmt: str,
+    block_size: int,
+    stochastic: bool = False,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Encode ``x`` into preallocated ``codes_out`` / ``scales_out`` (in place).
+
+    Args:
+        x: (numel,) float tensor (flattened if not 1-D; computed in float32).
+        codes_out: (numel,) buffer in :func:`code_dtype` of ``fmt``, or any
+            contiguous buffer of the same bytes (e.g. uint8), viewed as such.
+        scales_out: (scale_count(numel, block_size, fmt),) float32 buffer; None
+            (or ignored) for fp32 / bf16.
+        fmt: one of :data:`FORMATS`.
+        block_size: elements per scale; must be >= 1.
+        stochastic: unbiased stochastic rounding instead of round-to-nearest.
+        generator: random source of stochastic rounding, on ``x.device``.
+
+    Raises:
+        ValueError: invalid arguments, buffer sizes, NaN/Inf in ``x``, or a
+            negative value with ``udynamic8``.
+    """
+    check_format(fmt)
+    check_block_size(block_size)
+    x = x.detach().reshape(-1).to(torch.float32)
+    n = x.numel()
+    codes = _as_codes(codes_out, fmt).view(-1)
+    if codes.numel() != n:
+        raise ValueError(f"Invalid codes_out: {codes.numel()} codes for {n} elements")
+    if fmt not in SCALED_FORMATS:
+        if n and not _all_finite(x):
+            raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
+        if fmt == "fp32":
+            codes.copy_(x)
+        else:
+            _encode_bf16(x, codes, stochastic, generator)
+        return
+    scales = _checked_scales(scales_out, scale_count(n, block_size, fmt), "scales_out")
+    if n == 0:
+        return
+    _block_absmax_(x, scales, block_size)
+    if not bool(torch.isfinite(scales).all()):
+        raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
+    if fmt == "udynamic8" and bool(x.amin() < 0):
+        raise ValueError("Invalid x: udynamic8 encodes non-negative values only")
+    for start, stop, block0, rows in _pieces(n, block_size):
+        xb = x[start:stop].view(rows, -1)
+        cb = codes[start:stop].view(rows, -1)
+        sb = scales[block0 : block0 + rows]
+        if fmt == "int8":
+            _encode_int8(xb, cb, sb, stochastic, generator)
+        elif fmt in _FP8_GRIDS:
+            _encode_fp8(xb, cb, sb, _FP8_GRIDS[fmt], stochastic, generator)
+        else:
+            _encode_dynamic(xb, cb, sb, _codebook_index(fmt, x.device), stochastic, generator)
+
+
+def decode(
+    codes: Tensor,
+    scales: Tensor | None,
+    fmt: str,
+    block_size: int,
+    numel: int,
+    *,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Decode ``numel`` codes into float32.
+
+    Args:
+        codes: (numel,) codes in :func:`code_dtype` of ``fmt`` (or the same bytes
+            in another dtype, e.g. uint8 from the wire).
+        scales: (scale_count(numel, block_size, fmt),) float32, or None for fp32 / bf16.
+        fmt: one of :data:`FORMATS`.
+        block_size: elements per scale.
+        numel: number of elements.
+        out: optional (numel,) float32 buffer written in place and returned.
+
+    Returns:
+        (numel,) float32. Without ``out`` and with ``fmt == "fp32"`` this is
+        ``codes`` itself (no copy): modifying it modifies the codes.
+    """
+    check_format(fmt)
+    check_block_size(block_size)
+    codes = _as_codes(codes, fmt)
+    codes = codes if codes.dim() == 1 else codes.reshape(-1)
+    if codes.numel() != numel:
+        raise ValueError(f"Invalid codes: {codes.numel()} codes for numel={numel}")
+    if fmt == "fp32" and out is None:
+        return codes
+    if out is None:
+        out = torch.empty(numel, dtype=torch.float32, device=codes.device)
+    if fmt not in SCALED_FORMATS:
+        return out.copy_(codes)
+    scales = _checked_scales(scales, scale_count(numel, block_size, fmt), "scales")
+    if fmt in ("dynamic8", "udynamic8"):
+        torch.index_select(_codebook_index(fmt, codes.device).book, 0, codes.int(), out=out)
+    else:
+        out.copy_(codes)
+    for start, stop, block0, rows in _pieces(numel, block_size):
+        out[start:stop].view(rows, -1).mul_(scales[block0 : block0 + rows, None])
+    return out
+
+
+# ------------------------------------------------------------------ codecs
+def _all_finite(x: Tensor) -> bool:
+    """No NaN/Inf in ``x``: a finite sum proves it (one cheap pass); else check exactly."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+def _block_absmax_(x: Tensor, absmax_out: Tensor, block_size: int) -> None:
+    """absmax_out[b] = max |x| over block b (NaN/Inf propagate)."""
+    for start, stop, block0, rows in _pieces(x.numel(), block_size):
+        xb = x[start:stop].view(rows, -1)
+        torch.amax(xb.abs(), dim=1, out=absmax_out[block0 : block0 + rows])
+
+
+def _encode_bf16(
+    x: Tensor, codes: Tensor, stochastic: bool, generator: torch.Generator | None
+) -> None:
+    """bf16 codes of fp32 ``x``; saturates at the bf16 max.
+
+    Stochastic: add 16 uniform random bits below the bf16 mantissa of the fp32
+    bit pattern and truncate them. Sign-magnitude layout makes this round the
+    magnitude up with probability (distance to the lower bf16) / (bf16 ulp).
+    """
+    x = x.clamp(-_BF16_MAX, _BF16_MAX)
+    if stochastic:
+        noise = torch.randint(
+            0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device
+        )
+        # bits = (bits(x) + noise) & 0xFFFF0000 ; never carries into the sign bit
+        x = noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
+    codes.copy_(x)
+
+
+def _encode_int8(
+    xb: Tensor,  # (rows, cols) fp32 blocks
+    codes: Tensor,  # (rows, cols) int8, written
+    scales: Tensor,  # (rows,) absmax on entry, absmax / 127 on exit
+    stochastic: bool,
+    generator: torch.Generator | None,
+) -> None:
+    scales.div_(_INT8_MAX)
+    y = xb / torch.where(scales > 0, scales, 1.0)[:, None]
+    if stochastic:
+        lo = torch.floor(y)
+        # y = lo + frac ; round up with probability frac (exact in fp32 for |y| <= 128)
+        y = lo.add_(_round_up(y.sub_(lo), generator))
+    else:
+        y = y.round_()
+    codes.copy_(y.clamp_(-_INT8_MAX, _INT8_MAX))
+
+
+def _fp8_ulp(a: Tensor, grid: _Fp8Grid) -> Tensor:
+    """Spacing of the fp8 grid at magnitudes ``a >= 0`` (a power of two, exact).
+
+    Masking the fp32 mantissa off leaves 2**floor(log2 a), the start of the
+    binade; below the min normal binade the subnormals keep its spacing.
+    """
+    binade = a.view(torch.int32).bitwise_and(0x7F800000).view(torch.float32)
+    return binade.clamp_(min=2.0**grid.min_exponent).mul_(2.0**-grid.mantissa_bits)
+
+
+def _encode_fp8(
+    xb: Tensor,  # (rows, cols) fp32 blocks
+    codes: Tensor,  # (rows, cols) fp8, written
+    scales: Tensor,  # (rows,) absmax on entry, absmax / max on exit
+    grid: _Fp8Grid,
+    stochastic: bool,
+    generator: torch.Generator | None,
+) -> None:
+    scales.div_(grid.max)
+    y = xb / torch.where(scales > 0, scales, 1.0)[:, None]
+    y.clamp_(-grid.max, grid.max)
+    if stochastic:
+        ulp = _fp8_ulp(y.abs(), grid)
+        # |y| / ulp = units + frac ; round up with probability frac (all exact in fp32)
+        units = y.abs().div_(ulp)
+        lo = units.floor()
+        y = lo.add_(_round_up(units.sub_(lo), generator)).mul_(ulp).copysign_(y)
+    codes.copy_(y)  # exact after stochastic rounding; round-to-nearest-even otherwise
+
+
+def _encode_dynamic(
+    xb: Tensor,  # (rows, cols) fp32 blocks
+    codes: Tensor,  # (rows, cols) uint8, written
+    scales: Tensor,  # (rows,) absmax, kept
+    index: _CodebookIndex,
+    stochastic: bool,
+    generator: torch.Generator | None,
+) -> None:
+    # v = x * (1 / absmax), clamped to [-1, 1] (as bitsandbytes normalises)
+    inv = torch.where(scales > 0, scales, 1.0).reciprocal_()
+    v = (xb * inv[:, None]).clamp_(-1.0, 1.0)
+    bucket = index.buckets(v)
+    if not stochastic:
+        # nearest code, ties to the lower one
+        up = v > _lookup(index.threshold, bucket)
+        codes.copy_(_lookup(index.nearest, bucket).add_(up))
+        return
+    # book[lo] <= v < book[lo + 1]; round up with probability (v - book[lo]) / gap
+    lo = _lookup(index.below, bucket).add_(v >= _lookup(index.next_code, bucket))
+    hi = (lo + 1).clamp_(max=index.book.numel() - 1)
+    lo_val = _lookup(index.book, lo)
+    gap = _lookup(index.book, hi).sub_(lo_val)
+    p = (v - lo_val).div_(torch.where(gap > 0, gap, 1.0)).masked_fill_(gap <= 0, 0.0)
+    codes.copy_(lo.add_(_round_up(p, generator)))

@@ -1,0 +1,261 @@
+"""Replicated Dion on 2 and 3 gloo ranks against single-process Dion fed the mean gradient.
+
+Every rank draws its own gradients (seeded by rank and step); the parent process
+regenerates all of them to run the same maths in one process, which is the
+independent expectation: synchronous semantics, as the paper promises.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist import spawn_fixture
+from torch import nn
+
+import dion_lp
+from dion_lp.comm import mean_bytes
+
+dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
+
+# Two factor-exchanging matrices (tall and wide, rank 1/4), one square full-rank
+# matrix whose (m + n) r >= m n makes the replicas average B itself, one vector.
+SHAPES = [(64, 32), (24, 80), (16, 16), (16,)]
+STEPS = 5
+MU = 0.9
+
+
+def _params():
+    gen = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in SHAPES]
+
+
+def _groups(params, **kw):
+    return [
+        {"params": params[:2], "rank_fraction": 0.25, **kw},
+        {"params": params[2:3], "rank_fraction": 1.0, **kw},
+        {"params": params[3:], "algorithm": "adamw", "lr": 1e-3, **kw},
+    ]
+
+
+def _grads(rank, step):
+    gen = torch.Generator().manual_seed(1000 * rank + step)
+    return [torch.randn(s, generator=gen) * (1 + rank) for s in SHAPES]
+
+
+def _run(world_size, rank, steps=STEPS, **kw):
+    params = _params()
+    group_kw = {k: kw.pop(k) for k in ("comm_dtype", "momentum_dtype") if k in kw}
+    opt = dion_lp.Dion(
+        _groups(params, **group_kw), lr=0.02, mu=MU, weight_decay=0.1, grad_sync=True, **kw
+    )
+    for step in range(steps):
+        for p, g in zip(params, _grads(rank, step), strict=True):
+            p.grad = g
+        opt.step()
+    return params, opt
+
+
+def _single_process_reference(world_size, steps=STEPS):
+    params = _params()
+    opt = dion_lp.Dion(_groups(params), lr=0.02, mu=MU, weight_decay=0.1)
+    for step in range(steps):
+        per_rank = [_grads(r, step) for r in range(world_size)]
+        for i, p in enumerate(params):
+            p.grad = sum(g[i] for g in per_rank) / world_size
+        opt.step()
+    return [p.detach() for p in params]
+
+
+# ---------------------------------------------------------------------------- cases
+def case_fp32(rank, world_size):
+    params, opt = _run(world_size, rank)
+    assert opt._world_size == world_size  # process_group=None picked the default group
+    return [p.detach() for p in params]
+
+
+def case_formats(rank, world_size):
+    out = {}
+    for comm_dtype in ("bf16", "fp8_e4m3", "fp8_e5m2"):
+        for momentum_dtype in ("fp32", "int8"):
+            params, _ = _run(world_size, rank, comm_dtype=comm_dtype, momentum_dtype=momentum_dtype)
+            out[comm_dtype, momentum_dtype] = [p.detach() for p in params]
+    return out
+
+
+def case_error_feedback(rank, world_size):
+    """Record P R^T as received, then check sum G = M_T - M_0 + (1 - mu) sum P R^T per rank."""
+    received = {}
+    original = dion_lp.Dion._finish_matrix
+
+    def recording(self, mat):
+        PRt = mat.P @ mat.R.T
+        key = id(mat.param)
+        received[key] = received.get(key, 0) + (PRt.T if mat.transpose else PRt)
+        return original(self, mat)
+
+    dion_lp.Dion._finish_matrix = recording
+    try:
+        params, opt = _run(world_size, rank, comm_dtype="fp8_e4m3")
+    finally:
+        dion_lp.Dion._finish_matrix = original
+    out = []
+    for i, p in enumerate(params[:3]):
+        grad_sum = sum(_grads(rank, s)[i] for s in range(STEPS))
+        M = opt.state[p]["momentum_codes"]
+        out.append((grad_sum, M, received[id(p)]))
+    return out
+
+
+def _wrap_collectives(log):
+    """Record every collective's kind and its buffer's byte size S."""
+    originals = {}
+
+    def wrap(name, kind, pick):
+        fn = getattr(dist, name, None)
+        if fn is None:
+            return
+        originals[name] = fn
+
+        def wrapper(*args, **kwargs):
+            tensor = pick(args)
+            log.append((kind, tensor.numel() * tensor.element_size()))
+            return fn(*args, **kwargs)
+
+        setattr(dist, name, wrapper)
+
+    wrap("all_reduce", "all_reduce", lambda a: a[0])
+    wrap("all_to_all_single", "all_to_all", lambda a: a[1])
+    wrap("all_gather_single", "all_gather", lambda a: a[0])
+    wrap("all_gather_into_tensor", "all_gather", lambda a: a[0])
+    return originals
+
+
+def case_comm_stats(rank, world_size):
+    log = []
+    originals = _wrap_collectives(log)
+    try:
+        _, opt = _run(world_size, rank, steps=3, comm_dtype="fp8_e4m3")
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return log, opt.comm_stats()
+
+
+def case_nonfinite(rank, world_size):
+    out = {}
+    for mode in ("raise", "skip"):
+        params, opt = _run(world_size, rank, steps=2, nonfinite=mode)
+        before = [p.detach().clone() for p in params]
+        state_before = opt.state[params[0]]["momentum_codes"].clone()
+        for p, g in zip(params, _grads(rank, 7), strict=True):
+            p.grad = g
+        if rank == world_size - 1:
+            params[0].grad[0, 0] = float("inf")
+        try:
+            opt.step()
+            out[mode] = "stepped"
+        except dion_lp.NonFiniteGradientError as err:
+            out[mode] = f"raised: {err}"
+        out[mode, "params"] = [p.detach() for p in params]
+        out[mode, "moved"] = [not torch.equal(a, b) for a, b in zip(params, before, strict=True)]
+        out[mode, "state"] = torch.equal(opt.state[params[0]]["momentum_codes"], state_before)
+    return out
+
+
+def case_synchronize_for_checkpoint(rank, world_size):
+    """Replacing momenta by their mean does not change the run (the updates only see means)."""
+    params, opt = _run(world_size, rank, steps=3)
+    opt.synchronize_for_checkpoint()
+    M = opt.state[params[0]]["momentum_codes"].clone()
+    for step in range(3, STEPS):
+        for p, g in zip(params, _grads(rank, step), strict=True):
+            p.grad = g
+        opt.step()
+    return M, [p.detach() for p in params]
+
+
+# ---------------------------------------------------------------------------- tests
+def _assert_identical_across_ranks(per_rank):
+    for other in per_rank[1:]:
+        for a, b in zip(per_rank[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_fp32_equals_single_process_on_the_mean_gradient(dist_results):
+    per_rank = dist_results["case_fp32"]
+    _assert_identical_across_ranks(per_rank)
+    expected = _single_process_reference(dist_results.world_size)
+    for got, want in zip(per_rank[0], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("comm_dtype", ["bf16", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("momentum_dtype", ["fp32", "int8"])
+def test_low_precision_formats_stay_identical_and_close(dist_results, comm_dtype, momentum_dtype):
+    per_rank = [r[comm_dtype, momentum_dtype] for r in dist_results["case_formats"]]
+    _assert_identical_across_ranks(per_rank)
+    expected = _single_process_reference(dist_results.world_size)
+    # 5 steps of lr 0.02: the update moved each entry by ~0.1; wire rounding may move it
+    # by a few percent of that
+    tol = {"bf16": 3e-3, "fp8_e4m3": 1.5e-2, "fp8_e5m2": 3e-2}[comm_dtype]
+    for got, want in zip(per_rank[0][:3], expected[:3], strict=True):
+        assert (got - want).abs().max().item() < tol
+
+
+def test_error_feedback_loses_nothing(dist_results):
+    for per_rank in dist_results["case_error_feedback"]:
+        for grad_sum, M, received_sum in per_rank:
+            torch.testing.assert_close(M, grad_sum - (1 - MU) * received_sum, rtol=1e-4, atol=1e-4)
+
+
+def test_comm_stats_match_an_independent_count(dist_results):
+    N = dist_results.world_size
+    for log, stats in dist_results["case_comm_stats"]:
+        kinds = {}
+        for kind, nbytes in log:
+            factor = 2 if kind == "all_reduce" else 1
+            # bus-bandwidth convention, rounded up to whole bytes
+            kinds[kind] = kinds.get(kind, 0) - (-factor * (N - 1) * nbytes // N)
+        assert stats["bytes_sent"] == sum(kinds.values())
+        assert {k: v for k, v in stats["by_kind"].items() if v} == kinds
+        assert stats["steps"] == 3
+        # one step: flags (4 params x 2 rows) + B of the 16x16 + P's + R's + the vector's grad
+        r1, r2 = 8, 6  # ceil(0.25 * 32), ceil(0.25 * 24)
+        expected = (
+            -(-2 * (N - 1) * 8 // N)
+            + mean_bytes(16 * 16, "fp8_e4m3", N)
+            + mean_bytes(64 * r1 + 80 * r2, "fp8_e4m3", N)
+            + mean_bytes(32 * r1 + 24 * r2, "fp8_e4m3", N)
+            + mean_bytes(16, "bf16", N)
+        )
+        assert stats["last_step"] == expected
+        # coalesced: one all-to-all per phase, not one per matrix
+        assert sum(1 for kind, _ in log if kind == "all_to_all") == 3 * 4
+
+
+def test_nonfinite_on_one_rank_is_seen_by_all(dist_results):
+    results = dist_results["case_nonfinite"]
+    for out in results:
+        assert out["raise"].startswith("raised") and "on some rank" in out["raise"]
+        assert out["raise", "moved"] == [False] * 4 and out["raise", "state"]
+        assert out["skip"] == "stepped"
+        assert out["skip", "moved"] == [False, True, True, True] and out["skip", "state"]
+    _assert_identical_across_ranks([out["skip", "params"] for out in results])
+
+
+def test_synchronized_momentum_continues_the_same_run(dist_results):
+    results = dist_results["case_synchronize_for_checkpoint"]
+    momenta = [M for M, _ in results]
+    for M in momenta[1:]:
+        assert torch.equal(M, momenta[0])
+    expected = _single_process_reference(dist_results.world_size)
+    for got, want in zip(results[0][1], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_process_group_errors():
+    with pytest.raises(ValueError, match="not initialised"):
+        dion_lp.Dion([nn.Parameter(torch.randn(4, 4))], process_group=object())
+    with pytest.raises(ValueError, match="Invalid grad_sync"):
+        dion_lp.Dion([nn.Parameter(torch.randn(4, 4))], grad_sync="yes")

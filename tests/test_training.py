@@ -1,0 +1,75 @@
+"""Dion trains a small model about as well as torch's AdamW on the same task.
+
+Task: a teacher-student classification stream. A fixed random teacher
+(32 -> 64 tanh -> 8 classes) labels fresh Gaussian inputs every step (no
+overfitting, no data download); the student is a 32-128-128-8 GELU MLP; 300
+steps of batch 128; the figure is cross-entropy on 1,024 held-out samples.
+Measured here (torch 2.13 CPU): start 2.08; AdamW lr 1e-3 0.474; torch Muon
+lr 3e-3 (+AdamW) 0.470 (kept out of the suite: bf16 Newton-Schulz makes it 15x
+slower on this CPU); Dion lr 0.01 full rank 0.515, rank 1/4 0.497.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dion_lp
+
+STEPS = 300
+
+
+def _teacher():
+    gen = torch.Generator().manual_seed(1)
+    W1 = torch.randn(32, 64, generator=gen) / 32**0.5
+    W2 = torch.randn(64, 8, generator=gen) / 8
+    return lambda x: (torch.tanh(x @ W1) @ W2 * 3).argmax(1)
+
+
+def _train(make_optimizer, steps=STEPS):
+    teacher = _teacher()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 8)
+    )
+    opt = make_optimizer(model)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        x = torch.randn(128, 32, generator=gen)
+        loss = nn.functional.cross_entropy(model(x), teacher(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x_val = torch.randn(1024, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(x_val), teacher(x_val)).item()
+
+
+def _dion(rank_fraction, **kw):
+    def make(model):
+        hidden = [model[0].weight, model[2].weight]
+        rest = [model[0].bias, model[2].bias, model[4].weight, model[4].bias]
+        return dion_lp.Dion(
+            [
+                {"params": hidden, "rank_fraction": rank_fraction},
+                {"params": rest, "algorithm": "adamw", "lr": 3e-3},
+            ],
+            lr=0.01,
+            **kw,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def adamw_loss():
+    return _train(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+
+@pytest.mark.parametrize("rank_fraction", [1.0, 0.25])
+def test_dion_trains_like_adamw(adamw_loss, rank_fraction):
+    initial = _train(lambda model: torch.optim.SGD(model.parameters(), lr=0.0), steps=0)
+    loss = _train(_dion(rank_fraction))
+    assert loss < 0.3 * initial
+    assert loss < 1.15 * adamw_loss, (loss, adamw_loss)
