@@ -18,9 +18,10 @@ from dion_lp.comm import mean_bytes
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
 
-# Two factor-exchanging matrices (tall and wide, rank 1/4), one square full-rank
-# matrix whose (m + n) r >= m n makes the replicas average B itself, one vector.
-SHAPES = [(64, 32), (24, 80), (16, 16), (16,)]
+# Two factor-exchanging matrices (tall and wide, rank 1/4, large enough for 8-bit
+# momentum: >= MIN_QUANT_NUMEL elements), one square full-rank matrix whose
+# (m + n) r >= m n makes the replicas average B itself, one vector.
+SHAPES = [(96, 64), (48, 160), (16, 16), (16,)]
 STEPS = 5
 MU = 0.9
 
@@ -175,6 +176,34 @@ def case_synchronize_for_checkpoint(rank, world_size):
     return M, [p.detach() for p in params]
 
 
+def case_resume(rank, world_size):
+    """STEPS straight vs STEPS // 2 + save (bytes, weights_only) + fresh optimizer + the rest."""
+    import io
+
+    out = {}
+    for comm_dtype, momentum_dtype in (("fp32", "fp32"), ("fp8_e4m3", "int8"), ("bf16", "bf16")):
+        kw = dict(comm_dtype=comm_dtype, momentum_dtype=momentum_dtype)
+        straight, _ = _run(world_size, rank, **kw)
+        params, opt = _run(world_size, rank, steps=STEPS // 2, **kw)
+        buffer = io.BytesIO()
+        torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        params = [nn.Parameter(t.clone()) for t in saved["params"]]
+        opt = dion_lp.Dion(
+            _groups(params, **kw), lr=0.02, mu=MU, weight_decay=0.1, grad_sync=True, seed=123
+        )
+        opt.load_state_dict(saved["opt"])
+        for step in range(STEPS // 2, STEPS):
+            for p, g in zip(params, _grads(rank, step), strict=True):
+                p.grad = g
+            opt.step()
+        out[comm_dtype, momentum_dtype] = all(
+            torch.equal(a, b) for a, b in zip(straight, params, strict=True)
+        )
+    return out
+
+
 # ---------------------------------------------------------------------------- tests
 def _assert_identical_across_ranks(per_rank):
     for other in per_rank[1:]:
@@ -221,12 +250,12 @@ def test_comm_stats_match_an_independent_count(dist_results):
         assert {k: v for k, v in stats["by_kind"].items() if v} == kinds
         assert stats["steps"] == 3
         # one step: flags (4 params x 2 rows) + B of the 16x16 + P's + R's + the vector's grad
-        r1, r2 = 8, 6  # ceil(0.25 * 32), ceil(0.25 * 24)
+        r1, r2 = 16, 12  # ceil(0.25 * 64), ceil(0.25 * 48)
         expected = (
             -(-2 * (N - 1) * 8 // N)
             + mean_bytes(16 * 16, "fp8_e4m3", N)
-            + mean_bytes(64 * r1 + 80 * r2, "fp8_e4m3", N)
-            + mean_bytes(32 * r1 + 24 * r2, "fp8_e4m3", N)
+            + mean_bytes(96 * r1 + 160 * r2, "fp8_e4m3", N)
+            + mean_bytes(64 * r1 + 48 * r2, "fp8_e4m3", N)
             + mean_bytes(16, "bf16", N)
         )
         assert stats["last_step"] == expected
@@ -252,6 +281,12 @@ def test_synchronized_momentum_continues_the_same_run(dist_results):
     expected = _single_process_reference(dist_results.world_size)
     for got, want in zip(results[0][1], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_on_every_rank_is_bit_exact(dist_results):
+    for out in dist_results["case_resume"]:
+        assert out == {key: True for key in out}, out
+        assert len(out) == 3
 
 
 def test_process_group_errors():
