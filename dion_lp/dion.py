@@ -35,6 +35,9 @@ from .scalar import scalar_step_
 
 __all__ = ["Dion", "NonFiniteGradientError"]
 
+# Gradients larger than this are treated as non-finite: AdamW's g^2 overflows fp32
+# at 1.8e19 and Dion's products B Q at ~3e38 / sqrt(n).
+GRAD_LIMIT = 1e18
 # Formats whose behaviour is built; the others are accepted names that raise.
 _BUILT_MOMENTUM = ("fp32", "bf16", "int8", "fp8_e4m3", "dynamic8")
 _BUILT_COMM = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2")
@@ -154,6 +157,12 @@ class Dion(torch.optim.Optimizer):
             raise NotImplementedError(f"momentum_dtype={group['momentum_dtype']!r} is not built")
         if group["comm_dtype"] not in _BUILT_COMM:
             raise NotImplementedError(f"comm_dtype={group['comm_dtype']!r} is not built yet")
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"Invalid params: on devices {sorted(map(str, devices))}; dion_lp.Dion needs "
+                "all its parameters on one device (use one optimizer per device)"
+            )
         for i, p in enumerate(group["params"]):
             self._param_index[id(p)] = self._next_index
             self._next_index += 1
@@ -220,7 +229,7 @@ class Dion(torch.optim.Optimizer):
         flags[0] = torch.tensor(has_grad, dtype=torch.uint8)
         with_grad = [p for (_, _, p), has in zip(items, has_grad, strict=True) if has]
         if with_grad:
-            bad = torch.stack([torch.isfinite(p.grad).all() for p in with_grad]).logical_not()
+            bad = torch.stack([_overflows(p.grad) for p in with_grad])
             flags[1, torch.tensor(has_grad, device=device)] = bad.to(torch.uint8)
         if self._world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
@@ -232,9 +241,10 @@ class Dion(torch.optim.Optimizer):
                 continue
             if bad:
                 if group["nonfinite"] == "raise":
-                    where = "on some rank" if self._world_size > 1 else ""
+                    where = " on some rank" if self._world_size > 1 else ""
                     raise NonFiniteGradientError(
-                        f"non-finite gradient (NaN or Inf) in parameter {_name(group, i)} "
+                        f"non-finite gradient (NaN, Inf, or |g| > {GRAD_LIMIT:.0e}, which "
+                        f"overflows fp32 maths) in parameter {_name(group, i)}"
                         f"{where}; nothing was updated. Pass nonfinite='skip' to skip such "
                         "parameters."
                     )
@@ -504,6 +514,13 @@ def _check_param(p: Tensor, group: dict[str, Any], i: int) -> None:
             f"Invalid parameter {_name(group, i)} in a dion group: shape {tuple(p.shape)} "
             "has a dimension of 1; such vectors belong to an 'adamw' or 'lion' group"
         )
+
+
+def _overflows(grad: Tensor) -> Tensor:
+    """0-d bool: does ``grad`` hold NaN, Inf or an entry above GRAD_LIMIT in magnitude?"""
+    if grad.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=grad.device)
+    return ~(grad.abs().amax() <= GRAD_LIMIT)  # NaN compares False: caught too
 
 
 def _name(group: dict[str, Any], i: int) -> str:

@@ -225,6 +225,44 @@ def test_nonfinite_gradient(mode):
     assert opt.state[bad]["step"] == 1
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8"])
+def test_huge_finite_gradients_stay_finite_and_larger_ones_are_refused(fmt):
+    """Up to GRAD_LIMIT (1e18) every format scales without overflow; beyond it, where
+    AdamW's g^2 would overflow fp32 (1.8e19), the gradient counts as non-finite."""
+    from dion_lp.dion import GRAD_LIMIT
+
+    gen = torch.Generator().manual_seed(8)
+    X = nn.Parameter(torch.randn(96, 64, generator=gen))
+    v = nn.Parameter(torch.randn(6144, generator=gen))
+    opt = dion_lp.Dion(
+        [{"params": [X]}, {"params": [v], "algorithm": "adamw"}],
+        momentum_dtype=fmt,
+        rank_fraction=0.25,
+    )
+    for _ in range(3):
+        X.grad = torch.randn(96, 64, generator=gen).clamp(-1, 1) * GRAD_LIMIT
+        v.grad = torch.randn(6144, generator=gen).clamp(-1, 1) * GRAD_LIMIT
+        opt.step()
+    assert torch.isfinite(X).all() and torch.isfinite(v).all()
+    # Dion's update is orthonormal: RMS lr * sqrt(m / n) per step whatever |G|
+    assert X.abs().max() < 10
+    before = X.detach().clone()
+    X.grad[0, 0] = 2 * GRAD_LIMIT
+    with pytest.raises(dion_lp.NonFiniteGradientError, match="overflows fp32"):
+        opt.step()
+    assert torch.equal(X.detach(), before)
+
+
+def test_bad_parameter_sets_are_refused():
+    X = nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        dion_lp.Dion([{"params": [X]}, {"params": [X]}])
+    with pytest.raises(ValueError, match="int32 is not floating"):
+        dion_lp.Dion([nn.Parameter(torch.ones(4, 4, dtype=torch.int32), requires_grad=False)])
+    with pytest.raises(ValueError, match="one device"):
+        dion_lp.Dion([X, nn.Parameter(torch.randn(8, 8, device="meta"))])
+
+
 def test_same_seed_same_run_different_seed_different_run():
     def run(seed):
         torch.manual_seed(0)
