@@ -1,8 +1,9 @@
 """dion_lp: the Dion optimizer with 8-bit state and FP8/BF16 factor exchange."""
 
-from . import quant
+from . import hooks, quant
 from .dion import Dion, NonFiniteGradientError
 from .groups import param_groups
+from .hooks import register_ddp
 
-__all__ = ["Dion", "NonFiniteGradientError", "param_groups", "quant"]
+__all__ = ["Dion", "NonFiniteGradientError", "hooks", "param_groups", "quant", "register_ddp"]
 __version__ = "0.1.0"

@@ -335,6 +335,7 @@ def quantized_mean_(
     stats: CommStats | None = None,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    errors: Sequence[Tensor] | None = None,
 ) -> None:
     """Replace each tensor, in place, by its mean over ``group``, sent in ``fmt``.
 
@@ -351,14 +352,23 @@ def quantized_mean_(
         stats: adds :func:`mean_bytes` bytes, split between ``"all_to_all"`` and
             ``"all_gather"``. ``end_step`` is left to the caller.
         block_size: elements per float32 scale for the fp8 formats.
+        errors: optional float32 tensors shaped like ``tensors`` (error feedback).
+            They receive this rank's share of the rounding error, so that their
+            mean over the ranks equals (mean of the inputs) - (result), up to
+            fp32 rounding: what rounding this rank's outgoing chunks lost
+            (phase 1), plus N times what re-quantizing the mean of its own chunk
+            lost (phase 2). Zero for ``"fp32"`` and with one rank.
     """
     _check_fmt(fmt)
     _check_block_size(block_size)
     tensors = list(tensors)
     _check_tensors(tensors)
+    errors = _check_errors(errors, tensors)
     numel = sum(t.numel() for t in tensors)
     world_size = _group_world_size(group)
     if world_size == 1 or numel == 0:
+        for e in errors or ():
+            e.zero_()
         return
     rank = dist.get_rank(group)
     layout = _chunk_layout(numel, fmt, world_size, block_size)
@@ -372,6 +382,11 @@ def quantized_mean_(
     for j in range(N):
         if j != rank:  # this rank's own chunk is reduced unquantized
             _encode_row(flat[j], send[j], fmt, layout, block_size)
+    err = torch.zeros_like(flat) if errors is not None else None
+    if err is not None:  # phase-1 rounding of the chunks this rank sends
+        for j in range(N):
+            if j != rank:
+                err[j] = flat[j] - _decode_row(send[j], fmt, layout, block_size)
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     if stats is not None:
@@ -381,6 +396,8 @@ def quantized_mean_(
     mean_row = torch.empty(P, dtype=torch.uint8, device=device)
     mean = _reduce_chunk(received, flat[rank], rank, fmt, layout, block_size)
     _encode_row(mean, mean_row, fmt, layout, block_size)
+    if err is not None:  # phase 2: every rank applies the re-quantized mean of this chunk
+        err[rank] = (mean - _decode_row(mean_row, fmt, layout, block_size)).mul_(N)
     gathered = torch.empty(N * P, dtype=torch.uint8, device=device)  # gloo: concatenated form
     _all_gather(gathered, mean_row, group)
     gathered = gathered.view(N, P)
@@ -390,3 +407,19 @@ def quantized_mean_(
     for j in range(N):
         flat[j].copy_(_decode_row(gathered[j], fmt, layout, block_size))
     _unflatten_(flat, tensors)
+    if err is not None:
+        _unflatten_(err, errors)
+
+
+def _check_errors(errors: Sequence[Tensor] | None, tensors: list[Tensor]) -> list[Tensor] | None:
+    """``errors`` as a list, checked to be float32 tensors shaped like ``tensors``."""
+    if errors is None:
+        return None
+    errors = list(errors)
+    if len(errors) != len(tensors):
+        raise ValueError(f"Invalid errors: {len(errors)} tensors for {len(tensors)} tensors")
+    for i, (e, t) in enumerate(zip(errors, tensors, strict=True)):
+        if not isinstance(e, Tensor) or e.dtype != torch.float32 or e.shape != t.shape:
+            got = (e.dtype, tuple(e.shape)) if isinstance(e, Tensor) else type(e).__name__
+            raise ValueError(f"Invalid errors[{i}]: {got}; expected float32 {tuple(t.shape)}")
+    return errors

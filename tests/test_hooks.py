@@ -1,0 +1,632 @@
+"""dion_lp.hooks: DDP comm hooks on 2 and 3 gloo ranks, each rank with its own data.
+
+Independent expectations: the parent process regenerates every rank's batches
+and runs single-process Dion on the hand-averaged gradients (the synchronous
+semantics the hook + replicated Dion must reproduce), computes exact fp64 means
+of the compress hook's inputs, and counts wire bytes from wrapped
+torch.distributed collectives rather than from the library's own counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F  # noqa: N812 - the usual name
+from _dist import spawn_fixture
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
+
+import dion_lp
+from dion_lp import hooks
+from dion_lp.comm import collective_bytes, mean_bytes, quantized_mean_
+
+dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
+
+IN, OUT, BATCH = 8, 4, 16
+STEPS = 4
+CAP_MB = 2048 / 2**20  # 2 KiB buckets: the model spans 3 buckets, each mixing Dion and not
+VARIANTS = {
+    "plain": {},
+    "bucket_view": {"gradient_as_bucket_view": True},
+    "static_graph": {"static_graph": True},
+    "unused": {"find_unused_parameters": True},
+    "no_sync": {},  # two micro-batches, the first under ddp.no_sync()
+}
+# Relative rounding error of round-to-nearest: 2^-(mantissa bits + 1).
+UNIT_ROUNDOFF = {"fp32": 2.0**-24, "bf16": 2.0**-8, "fp8_e4m3": 2.0**-4, "fp8_e5m2": 2.0**-3}
+EF_STEPS, EF_CHECKPOINTS, VEC = 100, (1, 10, 50, 100), 1000
+
+
+class Net(nn.Module):
+    """Dion matrices (inp, hidden, extra weights) next to vectors, a norm and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(IN, 32)
+        self.norm = nn.LayerNorm(32)
+        self.hidden = nn.Linear(32, 32)
+        self.extra = nn.Linear(32, 32)
+        self.head = nn.Linear(32, OUT)
+
+    def forward(self, x: torch.Tensor, use_extra: bool = True) -> torch.Tensor:
+        h = F.gelu(self.hidden(self.norm(F.gelu(self.inp(x)))))
+        if use_extra:  # gelu after the branch: extra's gradient is not of the head's rank
+            h = F.gelu(h + self.extra(h))
+        return self.head(h)
+
+
+class Vec(nn.Module):
+    """One vector parameter whose gradient is exactly the input: ``grad = x``."""
+
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w * x).sum()
+
+
+def _model(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def _dion(model: nn.Module, comm_dtype: str = "fp32", **kw) -> dion_lp.Dion:
+    groups = dion_lp.param_groups(
+        model, scalar_algorithm="adamw", scalar_lr=1e-3, rank_fraction=0.25
+    )
+    return dion_lp.Dion(groups, lr=0.02, mu=0.9, weight_decay=0.1, comm_dtype=comm_dtype, **kw)
+
+
+def _data(rank: int, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(10_000 * rank + 100 * step + micro)
+    x = torch.randn(BATCH, IN, generator=gen) * (1 + rank)
+    return x, torch.randn(BATCH, OUT, generator=gen)
+
+
+def _use_extra(variant: str, rank: int, step: int) -> bool:
+    """ "unused": extra is used by some ranks only, and at step 3 by none (globally unused)."""
+    if variant != "unused":
+        return True
+    return step != 3 and (rank + step) % 2 == 0
+
+
+def _micro(variant: str) -> int:
+    return 2 if variant == "no_sync" else 1
+
+
+def _ddp_step(ddp: DDP, opt: torch.optim.Optimizer, rank: int, step: int, variant: str) -> None:
+    micro = _micro(variant)
+    for k in range(micro):
+        x, y = _data(rank, step, k)
+        ctx = ddp.no_sync() if k < micro - 1 else contextlib.nullcontext()
+        with ctx:
+            F.mse_loss(ddp(x, _use_extra(variant, rank, step)), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@contextlib.contextmanager
+def _recorded_collectives():
+    """Wrap every torch.distributed collective; log (kind, buffer bytes S, dtype)."""
+    log: list[tuple[str, int, torch.dtype]] = []
+    kinds = {
+        "all_reduce": ("all_reduce", 0),
+        "all_to_all_single": ("all_to_all", 1),  # S = the send buffer
+        "all_gather_single": ("all_gather", 0),  # S = the output
+        "all_gather_into_tensor": ("all_gather", 0),
+        "reduce_scatter_tensor": ("reduce_scatter", 1),
+        "broadcast": ("broadcast", 0),
+        "all_gather": ("all_gather_list", 0),
+    }
+    originals = {name: getattr(dist, name) for name in kinds if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def wrapper(*args, **kwargs):
+            kind, index = kinds[name]
+            t = args[index]
+            if isinstance(t, torch.Tensor):
+                log.append((kind, t.numel() * t.element_size(), t.dtype))
+            else:
+                log.append((kind, -1, None))
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+# ----------------------------------------------------------------------------- cases
+def _train_dion(rank, variant, steps, hook_comm="fp32", comm="fp32", seed=0, **dion_kw):
+    model = _model(seed)
+    opt = _dion(model, comm, **dion_kw)
+    ddp = DDP(model, bucket_cap_mb=CAP_MB, **VARIANTS[variant])
+    state = hooks.DionHookState(opt, comm_dtype=hook_comm)
+    ddp.register_comm_hook(state, hooks.dion_hook)
+    for step in range(steps):
+        _ddp_step(ddp, opt, rank, step, variant)
+    return model, opt, ddp, state
+
+
+def case_equivalence(rank, world_size):
+    """fp32 everywhere: DDP + dion_hook + replicated Dion, under each DDP option."""
+    out = {}
+    for variant in VARIANTS:
+        model, opt, _, state = _train_dion(rank, variant, STEPS)
+        assert opt._world_size == world_size
+        out[variant] = (_params(model), state.comm_stats())
+    return out
+
+
+def case_bytes(rank, world_size):
+    """Per step: the buckets (non-Dion numel, Dion numel) and every collective of backward."""
+    model = _model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = _dion(model, "fp8_e4m3")
+    ddp = DDP(model, bucket_cap_mb=CAP_MB)
+    state = hooks.DionHookState(opt, comm_dtype="fp8_e4m3")
+    buckets = []
+
+    def spy(state, bucket):  # no annotations: this module's are strings, DDP checks them
+        # Dion's matrices, by the rule of dion_lp.param_groups: hidden 2-D weights, no head
+        dion = [p.ndim == 2 and not names[id(p)].startswith("head") for p in bucket.parameters()]
+        numels = [p.numel() for p in bucket.parameters()]
+        pairs = list(zip(numels, dion, strict=True))
+        buckets[-1].append((sum(n for n, d in pairs if not d), sum(n for n, d in pairs if d)))
+        return hooks.dion_hook(state, bucket)
+
+    ddp.register_comm_hook(state, spy)
+    steps = []
+    for step in range(3):
+        buckets.append([])
+        x, y = _data(rank, step)
+        with _recorded_collectives() as log:
+            F.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append((buckets[-1], log, state.comm_stats()["last_step"]))
+    return steps
+
+
+def _vec_data(rank: int, step: int) -> torch.Tensor:
+    """A fixed per-rank gradient (rounding errors are systematic) plus small noise."""
+    base = torch.randn(VEC, generator=torch.Generator().manual_seed(rank)) * (1 + rank)
+    noise = torch.randn(VEC, generator=torch.Generator().manual_seed(1000 + 100 * rank + step))
+    return base + 1e-3 * noise
+
+
+def _run_vec(rank, state, hook, steps):
+    """Applied means of ``steps`` DDP backward passes: (first, {checkpoint: fp64 running sum})."""
+    ddp = DDP(Vec(VEC))
+    ddp.register_comm_hook(state, hook)
+    total, first, sums = torch.zeros(VEC, dtype=torch.float64), None, {}
+    for step in range(steps):
+        ddp(_vec_data(rank, step)).backward()
+        grad = ddp.module.w.grad
+        first = grad.clone() if first is None else first
+        total += grad.double()
+        ddp.module.w.grad = None
+        if step + 1 in EF_CHECKPOINTS:
+            sums[step + 1] = total.clone()
+    return first, sums
+
+
+def case_compress(rank, world_size):
+    out = {}
+    for fmt in ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2"):
+        for ef in (True, False) if fmt != "fp32" else (True,):
+            state = hooks.CompressState(comm_dtype=fmt, error_feedback=ef)
+            steps = EF_STEPS if fmt != "fp32" else 1  # fp32: nothing to feed back
+            out[fmt, ef] = _run_vec(rank, state, hooks.compress_hook, steps)
+    return out
+
+
+def case_warmup(rank, world_size):
+    state = hooks.CompressState(comm_dtype="fp8_e4m3", warmup_steps=2)
+    ddp = DDP(Vec(VEC))
+    ddp.register_comm_hook(state, hooks.compress_hook)
+    steps = []
+    for step in range(4):
+        with _recorded_collectives() as log:
+            ddp(_vec_data(rank, step)).backward()
+        steps.append((ddp.module.w.grad.clone(), [kind for kind, _, _ in log]))
+        ddp.module.w.grad = None
+    return steps, state.comm_stats()
+
+
+def case_wrapper(rank, world_size):
+    """compress_wrapper around torch's allreduce_hook and powerSGD_hook."""
+    seen = []
+
+    def spy_allreduce(process_group, bucket):
+        seen.append(bucket.buffer().dtype)
+        return default_hooks.allreduce_hook(process_group, bucket)
+
+    state = hooks.CompressState(comm_dtype="bf16")
+    first, _ = _run_vec(rank, state, hooks.compress_wrapper(spy_allreduce), 3)
+    residual = state.residual_norm()  # what the casts lost, kept for the next step
+    # PowerSGD, rank 1, on a rank-1 mean: exact up to bf16
+    psgd = powerSGD_hook.PowerSGDState(
+        None, matrix_approximation_rank=1, start_powerSGD_iter=1,
+        use_error_feedback=False, warm_start=False,
+    )  # fmt: skip
+    ddp = DDP(Vec(24, 16))
+    ddp.register_comm_hook(
+        hooks.CompressState(comm_dtype="bf16", inner_state=psgd),
+        hooks.compress_wrapper(powerSGD_hook.powerSGD_hook),
+    )
+    grads = []
+    for step in range(2):  # step 0: PowerSGD's vanilla all-reduce; step 1: compressed
+        ddp(_lowrank(rank, step)).backward()
+        grads.append(ddp.module.w.grad.clone())
+        ddp.module.w.grad = None
+    return first, residual, seen, grads
+
+
+def _lowrank(rank: int, step: int) -> torch.Tensor:
+    """Rank 1, the same direction on every rank, another scale: the mean is rank 1."""
+    gen = torch.Generator().manual_seed(50 + step)
+    return torch.outer(torch.randn(24, generator=gen), torch.randn(16, generator=gen)) * (1 + rank)
+
+
+def case_errors_invariant(rank, world_size):
+    """quantized_mean_(errors=...): mean over ranks of the errors = mean(x) - result."""
+    out = {}
+    for fmt in ("bf16", "fp8_e4m3", "fp8_e5m2", "fp32"):
+        x = _vec_data(rank, 7)[:777] * 3
+        result, errors = x.clone(), torch.empty(777)
+        quantized_mean_([result], fmt, errors=[errors])
+        error_mean = errors.clone()
+        dist.all_reduce(error_mean)
+        out[fmt] = (result, error_mean / world_size)
+    return out
+
+
+def _checkpoint(model, opt, state) -> bytes:
+    buf = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()}, buf
+    )
+    return buf.getvalue()
+
+
+def _resume(rank, blob, build, variant, first, steps, load_hook=True):
+    model, opt, ddp, state = build(seed=123)  # another init: loading must restore it
+    sd = torch.load(io.BytesIO(blob), weights_only=True)
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["opt"])
+    if load_hook:
+        state.load_state_dict(sd["hook"])
+    for step in range(first, first + steps):
+        _ddp_step(ddp, opt, rank, step, variant)
+    return _params(model)
+
+
+def case_save_restore(rank, world_size):
+    out = {}
+    for kind in ("dion", "adamw"):
+        for variant in ("unused", "plain"):
+
+            def build(seed=0, kind=kind, variant=variant):
+                model = _model(seed)
+                if kind == "dion":
+                    opt = _dion(model, "fp8_e4m3", momentum_dtype="int8")
+                else:
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+                ddp = DDP(model, bucket_cap_mb=CAP_MB, **VARIANTS[variant])
+                fmt = "fp8_e4m3" if kind == "dion" else "fp8_e5m2"
+                return model, opt, ddp, dion_lp.register_ddp(ddp, opt, comm_dtype=fmt)
+
+            model, opt, ddp, state = build()
+            for step in range(3):
+                _ddp_step(ddp, opt, rank, step, variant)
+            blob = _checkpoint(model, opt, state)
+            norm = state.residual_norm()
+            for step in range(3, 6):
+                _ddp_step(ddp, opt, rank, step, variant)
+            resumed = _resume(rank, blob, build, variant, 3, 3)
+            no_hook_state = _resume(rank, blob, build, variant, 3, 3, load_hook=False)
+            out[kind, variant] = (
+                type(state).__name__,
+                norm,
+                _params(model),
+                resumed,
+                no_hook_state,
+            )
+    return out
+
+
+def case_pickle(rank, world_size):
+    model = _model()
+    opt = _dion(model)
+    ddp = DDP(model)
+    state = dion_lp.register_ddp(ddp, opt, comm_dtype="bf16")
+    _ddp_step(ddp, opt, rank, 0, "plain")
+    clone = pickle.loads(pickle.dumps(state))
+    out = {"pg": clone.process_group, "optimizer": clone.optimizer}
+    out["residuals"] = all(
+        torch.equal(clone._residuals[k], r) for k, r in state._residuals.items()
+    ) and set(clone._residuals) == set(state._residuals)
+    try:
+        clone.owned()
+    except ValueError as err:
+        out["error"] = str(err)
+    clone.optimizer = opt
+    out["owned"] = clone.owned() == state.owned()
+    compress = hooks.CompressState(dist.group.WORLD, inner_state=dist.group.WORLD)
+    compress.bind(ddp)
+    clone = pickle.loads(pickle.dumps(compress))
+    out["compress"] = (clone.process_group, clone.inner_state, clone.comm_dtype)
+    return out
+
+
+def case_register_errors(rank, world_size):
+    singles = [dist.new_group([r]) for r in range(world_size)]  # collective: all ranks, in order
+    out = {}
+    model = _model()
+    ddp = DDP(model)
+    for name, opt in (
+        ("grad_sync", _dion(model, grad_sync=True)),
+        ("not_replicated", _dion(model, process_group=singles[rank])),
+    ):
+        try:
+            dion_lp.register_ddp(ddp, opt)
+            out[name] = "registered"
+        except ValueError as err:
+            out[name] = str(err)
+    out["adamw"] = type(dion_lp.register_ddp(ddp, torch.optim.AdamW(model.parameters()))).__name__
+    return out
+
+
+# ----------------------------------------------------------------------------- reference
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny ops are far faster on one thread (no pool wake-ups), as in the ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_thread()
+def _reference(world_size: int, variant: str, steps: int = STEPS) -> list[torch.Tensor]:
+    """Single-process Dion on the hand-averaged gradients of every rank's batches."""
+    model = _model()
+    opt = _dion(model)
+    params = list(model.parameters())
+    for step in range(steps):
+        per_rank = []
+        for r in range(world_size):
+            model.zero_grad(set_to_none=True)
+            for k in range(_micro(variant)):
+                x, y = _data(r, step, k)
+                F.mse_loss(model(x, _use_extra(variant, r, step)), y).backward()
+            per_rank.append([None if p.grad is None else p.grad.clone() for p in params])
+        for i, p in enumerate(params):
+            grads = [g[i] for g in per_rank]
+            if all(g is None for g in grads):
+                p.grad = None
+            else:
+                p.grad = sum(torch.zeros_like(p) if g is None else g for g in grads) / world_size
+        opt.step()
+    return _params(model)
+
+
+def _assert_identical_across_ranks(per_rank):
+    for other in per_rank[1:]:
+        for a, b in zip(per_rank[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def _non_dion_numel() -> int:
+    model = _model()
+    dion = {
+        id(p) for g in _dion(model).param_groups if g["algorithm"] == "dion" for p in g["params"]
+    }
+    return sum(p.numel() for p in model.parameters() if id(p) not in dion)
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_dion_hook_equals_single_process_on_averaged_gradients(dist_results, variant):
+    per_rank = [r[variant][0] for r in dist_results["case_equivalence"]]
+    _assert_identical_across_ranks(per_rank)
+    expected = _reference(dist_results.world_size, variant)
+    for got, want in zip(per_rank[0], expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dion_hook_bytes_are_those_of_the_non_dion_slices_only(dist_results):
+    N = dist_results.world_size
+    for steps in dist_results["case_bytes"]:
+        layouts = [tuple(buckets) for buckets, _, _ in steps]
+        assert len(layouts[0]) == 1 and len(layouts[1]) == 3  # DDP rebuilt its buckets
+        assert sum(n for n, _ in layouts[1]) == _non_dion_numel()
+        assert all(n > 0 and d > 0 for n, d in layouts[1])  # every bucket mixes
+        for buckets, log, last_step in steps:
+            # whatever the buckets: one coalesced mean of the step's non-Dion numel, no more
+            expected = mean_bytes(_non_dion_numel(), "fp8_e4m3", N)
+            measured = sum(collective_bytes(kind, nbytes, N) for kind, nbytes, _ in log)
+            assert measured == expected == last_step
+            assert sorted(kind for kind, _, _ in log) == ["all_gather", "all_to_all"]
+            assert {dtype for _, _, dtype in log} == {torch.uint8}  # fp8 codes + scales
+            # averaging the Dion slices too would cost several times more
+            everything = mean_bytes(sum(n + d for n, d in buckets), "fp8_e4m3", N)
+            assert measured < 0.25 * everything
+
+
+def _true_mean(world_size: int, step: int) -> torch.Tensor:
+    return sum(_vec_data(r, step).double() for r in range(world_size)) / world_size
+
+
+def _true_sum(world_size: int, steps: int) -> torch.Tensor:
+    return sum(_true_mean(world_size, s) for s in range(steps))
+
+
+def _max_abs(world_size: int) -> float:
+    return max(_vec_data(r, 0).abs().max().item() for r in range(world_size)) * 1.1
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8_e4m3", "fp8_e5m2"])
+def test_compress_hook_first_step_within_rounding_of_the_true_mean(dist_results, fmt):
+    """Tolerance: phase 1 rounds each rank's value, phase 2 the mean: |err| <= 2 u max|x|."""
+    N = dist_results.world_size
+    results = dist_results["case_compress"]
+    _assert_identical_across_ranks([[r[fmt, True][0]] for r in results])
+    err = (results[0][fmt, True][0].double() - _true_mean(N, 0)).abs().max().item()
+    tol = 2 * UNIT_ROUNDOFF[fmt] * _max_abs(N) + 1e-6
+    assert err <= tol
+    if fmt != "fp32":
+        assert err > UNIT_ROUNDOFF[fmt] * _max_abs(N) / 64  # it did round
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp8_e5m2"])
+def test_error_feedback_keeps_the_accumulated_error_bounded(dist_results, fmt):
+    N = dist_results.world_size
+    sums_ef = dist_results["case_compress"][0][fmt, True][1]
+    sums_plain = dist_results["case_compress"][0][fmt, False][1]
+    err_ef = {t: (s - _true_sum(N, t)).abs().max().item() for t, s in sums_ef.items()}
+    err_plain = {t: (s - _true_sum(N, t)).abs().max().item() for t, s in sums_plain.items()}
+    one_step = 2 * UNIT_ROUNDOFF[fmt] * _max_abs(N)
+    # with error feedback: within one step's rounding bound, after 1 or 100 steps
+    assert max(err_ef.values()) <= one_step
+    assert err_ef[100] <= 4 * err_ef[1] + one_step / 4
+    # without: the systematic rounding error adds up step after step
+    assert err_plain[100] >= 5 * err_plain[10]  # ~10x: linear growth
+    assert err_plain[100] >= 10 * err_ef[100]
+
+
+def test_compress_hook_warmup_uses_plain_all_reduce(dist_results):
+    N = dist_results.world_size
+    for steps, stats in dist_results["case_warmup"]:
+        for step, (grad, kinds) in enumerate(steps):
+            exact = (grad.double() - _true_mean(N, step)).abs().max().item() <= 1e-5
+            if step < 2:
+                assert kinds == ["all_reduce"] and exact
+            else:
+                assert kinds == ["all_to_all", "all_gather"] and not exact
+        assert stats["by_kind"]["all_reduce"] == 2 * collective_bytes("all_reduce", 4 * VEC, N)
+        assert stats["steps"] == 4
+
+
+def test_compress_wrapper_composes_with_torch_hooks(dist_results):
+    N = dist_results.world_size
+    for first, residual, seen, grads in dist_results["case_wrapper"]:
+        assert seen == [torch.bfloat16] * 3  # the wrapped hook saw the bf16 bucket
+        bf16 = UNIT_ROUNDOFF["bf16"]
+        tol = (N + 1) * bf16 * _max_abs(N)  # the cast, then N - 1 bf16 additions
+        assert (first.double() - _true_mean(N, 0)).abs().max().item() <= tol
+        assert 0 < residual < bf16 * _max_abs(N) * VEC**0.5
+        for step, grad in enumerate(grads):
+            mean = sum(_lowrank(r, step) for r in range(N)) / N
+            assert grad.dtype == torch.float32
+            assert ((grad - mean).norm() / mean.norm()).item() < 2e-2
+
+
+def test_quantized_mean_errors_are_exactly_what_the_mean_missed(dist_results):
+    N = dist_results.world_size
+    per_rank = dist_results["case_errors_invariant"]
+    for fmt in ("bf16", "fp8_e4m3", "fp8_e5m2", "fp32"):
+        result, error_mean = per_rank[0][fmt]
+        true = sum(_vec_data(r, 7)[:777] * 3 for r in range(N)).double() / N
+        missed = true - result.double()
+        torch.testing.assert_close(error_mean.double(), missed, rtol=0, atol=1e-5)
+        if fmt == "fp32":
+            assert error_mean.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("variant", ["unused", "plain"])
+@pytest.mark.parametrize("kind", ["dion", "adamw"])
+def test_save_restore_resumes_identically(dist_results, kind, variant):
+    """Bitwise. "unused" (find_unused_parameters) keeps DDP's buckets; in "plain" the
+    re-wrapped model starts from other buckets than the continued run's rebuilt ones."""
+    for out in dist_results["case_save_restore"]:
+        name, norm, continued, resumed, no_hook_state = out[kind, variant]
+        assert name == ("DionHookState" if kind == "dion" else "CompressState")
+        assert norm > 0  # there was error-feedback state to save
+        assert all(torch.equal(a, b) for a, b in zip(continued, resumed, strict=True))
+        assert not all(torch.equal(a, b) for a, b in zip(continued, no_hook_state, strict=True))
+
+
+def test_pickle_drops_the_process_group_and_optimizer(dist_results):
+    for out in dist_results["case_pickle"]:
+        assert out["pg"] is None and out["optimizer"] is None and out["residuals"]
+        assert "set state.optimizer" in out["error"] and out["owned"]
+        assert out["compress"] == (None, None, "fp8_e4m3")
+
+
+def test_register_ddp_picks_the_hook_and_rejects_misconfigured_dion(dist_results):
+    for out in dist_results["case_register_errors"]:
+        assert "grad_sync=True" in out["grad_sync"]
+        assert "replicated over 1 rank" in out["not_replicated"]
+        assert out["adamw"] == "CompressState"
+
+
+# ----------------------------------------------------------------------------- single process
+def test_argument_validation_names_the_argument():
+    with pytest.raises(ValueError, match="Invalid comm_dtype: 'fp16'"):
+        hooks.CompressState(comm_dtype="fp16")
+    with pytest.raises(ValueError, match="Invalid error_feedback: 'yes'"):
+        hooks.CompressState(error_feedback="yes")
+    with pytest.raises(ValueError, match="Invalid warmup_steps: -1"):
+        hooks.CompressState(warmup_steps=-1)
+    with pytest.raises(ValueError, match="Invalid block_size: 0"):
+        hooks.CompressState(block_size=0)
+    with pytest.raises(ValueError, match="Invalid process_group: .*not initialised"):
+        hooks.CompressState(process_group=object())
+    with pytest.raises(ValueError, match="Invalid optimizer: object"):
+        hooks.DionHookState(object())
+    with pytest.raises(ValueError, match="Invalid ddp_model: Linear"):
+        dion_lp.register_ddp(nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="Invalid hook: 3"):
+        hooks.compress_wrapper(3)
+    with pytest.raises(ValueError, match="Invalid module: int"):
+        hooks.CompressState().bind(3)
+
+
+def test_hook_names_avoid_the_ones_torch_special_cases():
+    special = {"bf16_compress_hook", "fp16_compress_hook", "bf16_compress_wrapper_hook"}
+    names = {hooks.dion_hook.__name__, hooks.compress_hook.__name__}
+    names.add(hooks.compress_wrapper(default_hooks.allreduce_hook).__name__)
+    assert not names & special
+
+
+def test_state_dict_is_weights_only_loadable_and_checked():
+    state = hooks.CompressState(comm_dtype="bf16")
+    state.bind(nn.Linear(3, 2))
+    state._residuals["weight"] = torch.randn(2, 3)
+    buf = io.BytesIO()
+    torch.save(state.state_dict(), buf)
+    sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    other = hooks.CompressState(comm_dtype="bf16")
+    other.bind(nn.Linear(3, 2))
+    other.load_state_dict(sd)
+    assert torch.equal(other._residuals["weight"], state._residuals["weight"])
+    with pytest.raises(ValueError, match="comm_dtype='bf16'"):
+        hooks.CompressState(comm_dtype="fp8_e4m3").load_state_dict(sd)
+    with pytest.raises(ValueError, match="kind='CompressState'"):
+        hooks.DionHookState(_dion(_model())).load_state_dict(sd)
+    with pytest.raises(ValueError, match="unknown parameters \\['weight'\\]"):
+        bound = hooks.CompressState(comm_dtype="bf16")
+        bound.bind(nn.Sequential(nn.Linear(3, 2)))
+        bound.load_state_dict(sd)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({"kind": "CompressState"})
