@@ -13,7 +13,9 @@ Conventions shared with the optimizer (and documented there):
   (``X.shape[0] / X.shape[1]``), whatever the orientation.
 - ColumnNormalize leaves a column of R whose norm is zero at zero in the update
   and keeps the previous column of Q as the warm start, so an all-zero gradient
-  applies only weight decay and does not kill the power iteration.
+  applies only weight decay and does not kill the power iteration. "Zero" means
+  at most 8 eps_fp32 n times the largest column norm: when B has rank below r,
+  the extra columns are rounding noise and must not become update directions.
 """
 
 from __future__ import annotations
@@ -93,7 +95,8 @@ def replicated_reference_step(
     Ms_new = [B - (1 - mu) * P @ R.T for B in Bs]
     # Q = ColumnNormalize(R), zero columns keep the previous Q as warm start
     norms = R.norm(dim=0, keepdim=True)
-    nonzero = norms > 0
+    # the optimizer's convention: a column at most 8 eps_fp32 n times the largest is noise
+    nonzero = norms > 8 * torch.finfo(torch.float32).eps * R.shape[0] * norms.max()
     Q_step = torch.where(nonzero, R / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0)
     Q_new = torch.where(nonzero, Q_step, Q)
     # X = X (1 - lr wd) - lr sqrt(d_out / d_in) P Q^T

@@ -253,6 +253,24 @@ def test_huge_finite_gradients_stay_finite_and_larger_ones_are_refused(fmt):
     assert torch.equal(X.detach(), before)
 
 
+@pytest.mark.parametrize("shape", [(96, 64), (64, 160)])
+def test_rank_deficient_gradient_gives_an_update_of_its_rank(shape):
+    """G = U C_t V^T of rank 2 with r = 16 (so M stays in that span too): the update
+    has rank 2, not 2 directions plus 14 of normalized rounding noise."""
+    gen = torch.Generator().manual_seed(9)
+    m, n = shape
+    X = nn.Parameter(torch.randn(m, n, generator=gen))
+    opt = dion_lp.Dion([X], lr=0.01, weight_decay=0.0, rank_fraction=0.25)
+    U, V = torch.randn(m, 2, generator=gen), torch.randn(n, 2, generator=gen)
+    for _ in range(3):
+        before = X.detach().clone()
+        X.grad = U @ torch.randn(2, 2, generator=gen) @ V.T
+        opt.step()
+        s = torch.linalg.svdvals((X.detach() - before).double())
+        assert s[2] < 1e-3 * s[0], s[:4]  # fp32 rounding of X - before is ~1e-4 s[0]
+        assert s[1] > 0.1 * s[0]  # both real directions move
+
+
 def test_bad_parameter_sets_are_refused():
     X = nn.Parameter(torch.randn(8, 8))
     with pytest.raises(ValueError, match="more than one parameter group"):
