@@ -38,7 +38,7 @@ CONFIGS: dict[str, Callable[[list[nn.Parameter], float], torch.optim.Optimizer]]
     "dion bf16 mom": lambda ps, rf: dion_lp.Dion(ps, rank_fraction=rf, momentum_dtype="bf16"),
     "dion int8 mom": lambda ps, rf: dion_lp.Dion(ps, rank_fraction=rf, momentum_dtype="int8"),
     "dion fp8 mom": lambda ps, rf: dion_lp.Dion(ps, rank_fraction=rf, momentum_dtype="fp8_e4m3"),
-    "dion int8 mom, nearest": lambda ps, rf: dion_lp.Dion(
+    "dion int8 mom nearest": lambda ps, rf: dion_lp.Dion(
         ps, rank_fraction=rf, momentum_dtype="int8", stochastic_rounding=False
     ),
 }

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import sharded_state
 from . import state as qstate
 from .scalar import scalar_format
 
@@ -77,14 +78,18 @@ def check_loadable(state_dict: dict[str, Any], param_groups: list[dict[str, Any]
 def check_loaded_state(st: dict[str, Any], group: dict[str, Any]) -> None:
     """Raise ``ValueError`` unless every buffer in ``st`` has the layout ``group`` asks for."""
     for key, value in st.items():
-        if not (key.endswith("_format") and isinstance(value, dict)):
+        suffix = key.rsplit("_", 1)[-1]
+        if suffix not in ("format", "sharded") or not isinstance(value, dict):
             continue
-        name = key[: -len("_format")]
+        name = key[: -len(suffix) - 1]
         if name == "exp_avg_sq":
             want = scalar_format(group["momentum_dtype"], unsigned=True)
         else:
             want = group["momentum_dtype"]
-        qstate.check_buffer(st, name, want, group["block_size"])
+        if suffix == "sharded":  # a DTensor (FSDP2) parameter's row-wise layout
+            sharded_state.check_buffer(st, name, want, group["block_size"])
+        else:
+            qstate.check_buffer(st, name, want, group["block_size"])
 
 
 def copy_value(value: Any, device: Any) -> Any:

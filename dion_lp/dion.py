@@ -32,6 +32,8 @@ from .comm import CommStats, quantized_mean_
 from .options import dion_rank, validate_group
 from .orthogonalize import column_normalize, orthonormalize
 from .scalar import scalar_step_
+from .sharded import sharded_step_, synchronize_momenta_
+from .sharded_state import is_sharded, local
 
 __all__ = ["Dion", "NonFiniteGradientError"]
 
@@ -143,6 +145,7 @@ class Dion(torch.optim.Optimizer):
         if not isinstance(grad_sync, bool):
             raise ValueError(f"Invalid grad_sync: {grad_sync!r}; expected a bool")
         self._group, self._world_size = _resolve_process_group(process_group)
+        self._replicas = None if process_group is None else self._group  # sharded: HSDP replicas
         self._grad_sync = grad_sync
         self._stats = CommStats()
         super().__init__(params, defaults)
@@ -185,8 +188,12 @@ class Dion(torch.optim.Optimizer):
                 loss = closure()
         matrices: list[_Matrix] = []
         scalars: list[tuple[dict[str, Any], Tensor, Tensor]] = []
+        sharded: list[tuple[dict[str, Any], Tensor, Tensor]] = []  # DTensor (FSDP2) params
         for group, p, grad in self._finite_grads():
             st = self.state[p]
+            if is_sharded(p):
+                sharded.append((group, p, grad))
+                continue
             if group["algorithm"] != "dion":
                 scalars.append((group, p, grad))
                 continue
@@ -207,6 +214,16 @@ class Dion(torch.optim.Optimizer):
         for chunk in chunks:
             if chunk:
                 self._dion_chunk(chunk)
+        if sharded:
+            sharded_step_(
+                sharded,
+                self.state,
+                seed=self._seed,
+                param_index=self._param_index,
+                stats=self._stats,
+                grad_sync=self._grad_sync,
+                replicate_group=self._replicas,
+            )
         self._stats.end_step()
         return loss
 
@@ -229,11 +246,14 @@ class Dion(torch.optim.Optimizer):
         flags[0] = torch.tensor(has_grad, dtype=torch.uint8)
         with_grad = [p for (_, _, p), has in zip(items, has_grad, strict=True) if has]
         if with_grad:
-            bad = torch.stack([_overflows(p.grad) for p in with_grad])
+            bad = torch.stack([_overflows(local(p.grad)) for p in with_grad])
             flags[1, torch.tensor(has_grad, device=device)] = bad.to(torch.uint8)
-        if self._world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-            self._stats.record_collective("all_reduce", flags.numel(), self._world_size)
+        group, world = self._group, self._world_size
+        if any(is_sharded(p) for _, _, p in items):  # shards must agree too: every rank
+            group, world = None, dist.get_world_size()
+        if world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+            self._stats.record_collective("all_reduce", flags.numel(), world)
         any_grad, any_bad = flags.tolist()
         out = []
         for (group, i, p), has, bad in zip(items, any_grad, any_bad, strict=True):
@@ -398,10 +418,11 @@ class Dion(torch.optim.Optimizer):
                 continue
             for p in group["params"]:
                 st = self.state.get(p)
-                if st:
+                if st and not is_sharded(p):
                     momenta.append(qstate.read_buffer(st, "momentum").clone())
                     owners.append((st, group))
         quantized_mean_(momenta, "fp32", self._group, self._stats)
+        synchronize_momenta_(self.param_groups, self.state, self._replicas, self._stats)
         for M, (st, group) in zip(momenta, owners, strict=True):
             if st["momentum_format"]["fmt"] == "fp32":
                 qstate.read_buffer(st, "momentum").copy_(M)
@@ -414,6 +435,7 @@ class Dion(torch.optim.Optimizer):
         for st in self.state.values():
             for value in st.values():
                 if isinstance(value, Tensor):
+                    value = local(value)  # this rank's shard of a DTensor state
                     total += value.numel() * value.element_size()
         return total
 

@@ -229,3 +229,15 @@ def test_ablation_smoke(tmp_path):
         assert dion["bytes_per_step"] > 0 and dion["dion_mode"] in ("hook", "sync", "ddp")
         assert float(rows[1]["share_lost_mean"]) == 0.0
         assert float(rows[1]["step_time_ratio"]) == 1.0
+
+
+def test_step_time_runs_every_config_and_the_breakdown(capsys):
+    from benchmarks import step_time
+
+    medians = step_time.measure([(32, 48)], 0.5, 1, list(step_time.CONFIGS))
+    assert set(medians) == set(step_time.CONFIGS) and all(t > 0 for t in medians.values())
+    step_time.main(["--shapes", "32x48", "--rank-fractions", "0.5", "--repeats", "1"])
+    assert "dion int8 mom nearest" in capsys.readouterr().out
+    rows = step_time.breakdown((64, 96), 0.25, 1)
+    assert [r["fmt"] for r in rows] == ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8"]
+    assert rows[0]["share"] == 0.0 and all(0 < r["share"] < 1 for r in rows[1:])
