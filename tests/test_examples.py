@@ -113,3 +113,16 @@ def test_finetune_memory_budget_tiny(example: ModuleType, tmp_path: Path) -> Non
     ratio = rows["dion"]["bytes_per_param"] / rows["adamw"]["bytes_per_param"]
     assert ratio == pytest.approx(dion_bytes / adamw_bytes, rel=1e-12)
     assert ratio < 0.16  # ~1.14 bytes/param against 8
+
+
+def test_hf_trainer_snippet_trains_with_dion():
+    """examples/hf_trainer.py: a transformers Trainer given dion_lp.Dion trains (loss falls)."""
+    pytest.importorskip("transformers", reason="the examples extra is not installed")
+    pytest.importorskip("accelerate", reason="the examples extra is not installed")
+    path = Path(__file__).resolve().parents[1] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--steps", "8"])
+    assert result["last_loss"] < result["first_loss"] - 0.5
+    assert result["state_bytes"] > 0
