@@ -15,7 +15,14 @@ from torch import Tensor
 
 from . import state as qstate
 
-__all__ = ["adamw_update_", "lion_update_", "scalar_step_", "scalar_format", "SCALAR_STATE"]
+__all__ = [
+    "adamw_update_",
+    "apply_rule_",
+    "lion_update_",
+    "scalar_step_",
+    "scalar_format",
+    "SCALAR_STATE",
+]
 
 # The state buffers each rule keeps, by name, and whether the buffer is
 # non-negative (stored in an unsigned format when the state is quantized).
@@ -98,6 +105,28 @@ def scalar_format(momentum_dtype: str, *, unsigned: bool) -> str:
     return momentum_dtype
 
 
+def apply_rule_(
+    X: Tensor, grad: Tensor, bufs: dict[str, Tensor], group: dict[str, Any], step: int
+) -> None:
+    """The group's element-wise rule on fp32 buffers ``bufs`` (named as in SCALAR_STATE).
+
+    Args:
+        X: parameter (or its local shard), updated in place in its own dtype.
+        grad: fp32 gradient, X's shape.
+        bufs: fp32 state buffers with X's shape, updated in place.
+        group: the param group (algorithm, lr, betas, eps, weight_decay).
+        step: 1-based step count including this one.
+    """
+    beta1, beta2 = group["betas"]
+    common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+    if group["algorithm"] == "adamw":
+        adamw_update_(
+            X, grad, bufs["exp_avg"], bufs["exp_avg_sq"], step=step, eps=group["eps"], **common
+        )
+    else:
+        lion_update_(X, grad, bufs["exp_avg"], **common)
+
+
 def scalar_step_(
     p: Tensor,
     grad: Tensor,
@@ -127,20 +156,7 @@ def scalar_step_(
         st["step"] = 0
     st["step"] += 1
     bufs = {name: qstate.read_buffer(st, name) for name in names}
-    beta1, beta2 = group["betas"]
-    common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
-    if algorithm == "adamw":
-        adamw_update_(
-            p,
-            grad,
-            bufs["exp_avg"],
-            bufs["exp_avg_sq"],
-            step=st["step"],
-            eps=group["eps"],
-            **common,
-        )
-    else:
-        lion_update_(p, grad, bufs["exp_avg"], **common)
+    apply_rule_(p, grad, bufs, group, st["step"])
     for name, buf in bufs.items():
         if st[f"{name}_format"]["fmt"] != "fp32":
             qstate.write_buffer(

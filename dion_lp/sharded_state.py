@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import quant
 from .options import dion_rank
-from .scalar import SCALAR_STATE, adamw_update_, lion_update_, scalar_format
+from .scalar import SCALAR_STATE, apply_rule_, scalar_format
 from .state import storage_format
 
 try:  # torch.distributed.tensor is missing from builds without distributed support
@@ -411,20 +411,7 @@ def scalar_step_(p: Tensor, grad: Tensor, group: dict[str, Any], st: dict[str, A
     bufs = {
         name: from_shard_major(read_buffer(st, name), spec.shard_dim, X.shape) for name in names
     }
-    beta1, beta2 = group["betas"]
-    common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
-    if group["algorithm"] == "adamw":
-        adamw_update_(
-            X,
-            grad,
-            bufs["exp_avg"],
-            bufs["exp_avg_sq"],
-            step=st["step"],
-            eps=group["eps"],
-            **common,
-        )
-    else:
-        lion_update_(X, grad, bufs["exp_avg"], **common)
+    apply_rule_(X, grad, bufs, group, st["step"])
     for name, buf in bufs.items():
         if st[f"{name}_sharded"]["fmt"] != "fp32":
             # nearest rounding keeps element-wise states split-independent and reproducible
