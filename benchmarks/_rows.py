@@ -314,6 +314,12 @@ ROWS: dict[str, Row] = {
     "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3"),
     "dion_int8_mom_nearest": _row_dion(momentum_dtype="int8", stochastic_rounding=False),
     "dion_int8_mom_residual": _row_dion(momentum_dtype="int8", momentum_residual=True),
+    "dion_fp8comm_int8mom": _row_dion(
+        comm_dtype="fp8_e4m3",
+        momentum_dtype="int8",
+        full_only=True,
+        note="the cheapest recipe: fp8 exchange + int8 momentum (long-run stability row)",
+    ),
     "dion_rank1_4": _row_dion(rank_fraction=0.25),
     "dion_rank1_16": _row_dion(rank_fraction=1 / 16),
 }

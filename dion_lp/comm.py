@@ -38,7 +38,9 @@ rounds up for the rare caller whose buffer does not split into N equal parts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +54,9 @@ __all__ = [
     "COLLECTIVE_KINDS",
     "COMM_FORMATS",
     "DEFAULT_BLOCK_SIZE",
+    "CollectiveError",
     "CommStats",
+    "collective",
     "collective_bytes",
     "mean_bytes",
     "quantized_mean_",
@@ -73,6 +77,41 @@ _CODE_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer rank died, hung past the timeout, or the group broke.
+
+    Raised (from the backend's own error, kept as ``__cause__``) by every
+    collective dion_lp issues, on every surviving rank, within the process
+    group's timeout. The step that raised did not complete: restart every rank
+    from the last checkpoint.
+    """
+
+
+@contextmanager
+def collective(what: str, group: Any) -> Iterator[None]:
+    """Run one collective; turn a backend failure into a :class:`CollectiveError`.
+
+    Args:
+        what: names the collective in the message, e.g. "all_to_all of a quantized mean".
+        group: the process group it runs on (None: the default group).
+    """
+    start = time.monotonic()
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, CollectiveError):
+            raise
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        elapsed = time.monotonic() - start
+        raise CollectiveError(
+            f"dion_lp: {what} failed on rank {rank} of {world} after {elapsed:.1f} s: "
+            f"{str(err).strip()} -- a peer rank has probably died or stopped calling "
+            "collectives; ranks wait at most the process group's timeout "
+            "(init_process_group(timeout=...)). This step did not complete: restart every "
+            "rank from the last checkpoint."
+        ) from err
 
 
 def _check_fmt(fmt: Any) -> None:
@@ -292,7 +331,8 @@ def _check_tensors(tensors: Sequence[Tensor]) -> None:
 def _all_gather(output: Tensor, input: Tensor, group: Any) -> None:
     # all_gather_single is the new name (torch >= 2.13); all_gather_into_tensor is deprecated.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(output, input, group=group)
+    with collective("all_gather of a quantized mean", group):
+        gather(output, input, group=group)
 
 
 def _reduce_chunk(
@@ -388,7 +428,8 @@ def quantized_mean_(
             if j != rank:
                 err[j] = flat[j] - _decode_row(send[j], fmt, layout, block_size)
     received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
+    with collective("all_to_all of a quantized mean", group):
+        dist.all_to_all_single(received, send, group=group)
     if stats is not None:
         stats.record_collective("all_to_all", N * P, N)
 

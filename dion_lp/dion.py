@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import state as qstate
 from .checkpoint import STATE_DICT_VERSION, check_loadable, check_loaded_state, copy_value
-from .comm import CommStats, quantized_mean_
+from .comm import CommStats, collective, quantized_mean_
 from .options import dion_rank, validate_group
 from .orthogonalize import column_normalize, orthonormalize
 from .scalar import scalar_step_
@@ -252,7 +252,8 @@ class Dion(torch.optim.Optimizer):
         if any(is_sharded(p) for _, _, p in items):  # shards must agree too: every rank
             group, world = None, dist.get_world_size()
         if world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+            with collective("all_reduce of the gradient flags", group):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
             self._stats.record_collective("all_reduce", flags.numel(), world)
         any_grad, any_bad = flags.tolist()
         out = []

@@ -67,7 +67,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import quant
-from .comm import DEFAULT_BLOCK_SIZE, CommStats, collective_bytes, mean_bytes, quantized_mean_
+from .comm import (
+    DEFAULT_BLOCK_SIZE,
+    CommStats,
+    _all_gather,
+    collective,
+    collective_bytes,
+    mean_bytes,
+    quantized_mean_,
+)
 from .options import dion_rank
 from .orthogonalize import column_normalize, negligible_columns
 from .sharded_state import (
@@ -162,7 +170,8 @@ def reduce_scatter_rows(
         if j != rank:
             _encode(flat[j], send[j], fmt, n_scales)
     received = torch.empty_like(send)
-    dist.all_to_all_single(received, send, group=group)
+    with collective("all_to_all of a sharded reduce-scatter", group):
+        dist.all_to_all_single(received, send, group=group)
     if stats is not None:
         stats.record_collective("all_to_all", N * P, N)
     total = torch.zeros(C, dtype=torch.float32, device=flat.device)
@@ -202,8 +211,7 @@ def all_gather_rows(
     row = torch.zeros(P, dtype=torch.uint8, device=flat.device)
     _encode(flat, row, fmt, n_scales)
     gathered = torch.empty(N * P, dtype=torch.uint8, device=flat.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, row, group=group)
+    _all_gather(gathered, row, group)
     if stats is not None:
         stats.record_collective("all_gather", N * P, N)
     decoded = torch.stack([_decode(r, fmt, n_scales, C) for r in gathered.view(N, P)])

@@ -39,29 +39,31 @@ def _groups(params, **kw):
     ]
 
 
-def _grads(rank, step):
+def _grads(rank, step, zero_rank=None):
+    if rank == zero_rank:  # e.g. a rank whose batch touched none of these weights
+        return [torch.zeros(s) for s in SHAPES]
     gen = torch.Generator().manual_seed(1000 * rank + step)
     return [torch.randn(s, generator=gen) * (1 + rank) for s in SHAPES]
 
 
-def _run(world_size, rank, steps=STEPS, **kw):
+def _run(world_size, rank, steps=STEPS, zero_rank=None, **kw):
     params = _params()
     group_kw = {k: kw.pop(k) for k in ("comm_dtype", "momentum_dtype") if k in kw}
     opt = dion_lp.Dion(
         _groups(params, **group_kw), lr=0.02, mu=MU, weight_decay=0.1, grad_sync=True, **kw
     )
     for step in range(steps):
-        for p, g in zip(params, _grads(rank, step), strict=True):
+        for p, g in zip(params, _grads(rank, step, zero_rank), strict=True):
             p.grad = g
         opt.step()
     return params, opt
 
 
-def _single_process_reference(world_size, steps=STEPS):
+def _single_process_reference(world_size, steps=STEPS, zero_rank=None):
     params = _params()
     opt = dion_lp.Dion(_groups(params), lr=0.02, mu=MU, weight_decay=0.1)
     for step in range(steps):
-        per_rank = [_grads(r, step) for r in range(world_size)]
+        per_rank = [_grads(r, step, zero_rank) for r in range(world_size)]
         for i, p in enumerate(params):
             p.grad = sum(g[i] for g in per_rank) / world_size
         opt.step()
@@ -81,6 +83,20 @@ def case_formats(rank, world_size):
         for momentum_dtype in ("fp32", "int8"):
             params, _ = _run(world_size, rank, comm_dtype=comm_dtype, momentum_dtype=momentum_dtype)
             out[comm_dtype, momentum_dtype] = [p.detach() for p in params]
+    return out
+
+
+def case_zero_gradient_on_one_rank(rank, world_size):
+    out = {}
+    for comm_dtype, momentum_dtype in (("fp32", "fp32"), ("fp8_e4m3", "int8")):
+        params, opt = _run(
+            world_size,
+            rank,
+            zero_rank=world_size - 1,
+            comm_dtype=comm_dtype,
+            momentum_dtype=momentum_dtype,
+        )
+        out[comm_dtype] = [p.detach() for p in params]
     return out
 
 
@@ -230,6 +246,28 @@ def test_low_precision_formats_stay_identical_and_close(dist_results, comm_dtype
     tol = {"bf16": 3e-3, "fp8_e4m3": 1.5e-2, "fp8_e5m2": 3e-2}[comm_dtype]
     for got, want in zip(per_rank[0][:3], expected[:3], strict=True):
         assert (got - want).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("comm_dtype,tol", [("fp32", 1e-5), ("fp8_e4m3", 0.1)])
+def test_zero_gradient_on_one_rank_only(dist_results, comm_dtype, tol):
+    """The last rank's gradients are all zero: the others' are averaged with its zeros.
+
+    Error relative to how far the exact run moved: fp32 <= 7e-6, fp8_e4m3 <= 0.051
+    (measured, 2 and 3 ranks).
+    """
+    per_rank = [r[comm_dtype] for r in dist_results["case_zero_gradient_on_one_rank"]]
+    _assert_identical_across_ranks(per_rank)
+    expected = _single_process_reference(
+        dist_results.world_size, zero_rank=dist_results.world_size - 1
+    )
+    unchanged = _params()
+    for got, want, before in zip(per_rank[0], expected, unchanged, strict=True):
+        assert torch.isfinite(got).all()
+        moved = (want - before).norm().item()  # how far the exact run went
+        assert (got - want).norm().item() < tol * moved
+    # and it is not the run in which the last rank had gradients too
+    other = _single_process_reference(dist_results.world_size)[0]
+    assert (per_rank[0][0] - other).norm() > 0.3 * (other - unchanged[0]).norm()
 
 
 def test_error_feedback_loses_nothing(dist_results):
