@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .comm import COMM_FORMATS, CommStats, quantized_mean_
+from .lowrank import compressed_shape, initial_q, lowrank_mean_
 
 HOOK_STATE_VERSION = 1
 
@@ -63,19 +64,32 @@ class _HookState:
     """What both hook states share: format, residuals, keys, byte counts, checkpointing."""
 
     def __init__(
-        self, process_group: Any, comm_dtype: str, error_feedback: bool, block_size: int
+        self,
+        process_group: Any,
+        comm_dtype: str,
+        error_feedback: bool,
+        block_size: int,
+        lowrank_rank: int = 0,
     ) -> None:
         _check_process_group(process_group)
         _check_choice("comm_dtype", comm_dtype, COMM_FORMATS)
         _check_bool("error_feedback", error_feedback)
         _check_int("block_size", block_size, 1)
+        _check_int("lowrank_rank", lowrank_rank, 0)
+        if lowrank_rank and not error_feedback:
+            raise ValueError(
+                f"Invalid lowrank_rank: {lowrank_rank!r} needs error_feedback=True (a rank-r "
+                "mean without error feedback drops the rest of every gradient for good)"
+            )
         self.process_group = process_group
         self.comm_dtype = comm_dtype
         self.error_feedback = error_feedback
         self.block_size = block_size
+        self.lowrank_rank = lowrank_rank
         self.hook_steps = 0  # steps whose last bucket went through the hook
         self._stats = CommStats()
         self._residuals: dict[str, Tensor] = {}  # parameter key -> fp32 residual
+        self._lowrank_q: dict[str, Tensor] = {}  # parameter key -> (m, r) fp32 warm start
         self._pending: list[tuple[torch.futures.Future[Tensor], Tensor, list[Any]]] = []
         self._init_keys()
 
@@ -167,6 +181,32 @@ class _HookState:
         for g, x in zip(grads, xs, strict=True):
             g.copy_(x)
 
+    def _lowrank_average_(self, keyed: list[tuple[str, Tensor, Tensor]]) -> None:
+        """Rank-``lowrank_rank`` means of the (key, param, gradient) matrices (PowerSGD)."""
+        if not keyed:
+            return
+        qs = []
+        for key, _, g in keyed:
+            n, m, r = compressed_shape(g.shape, self.lowrank_rank)
+            q = self._lowrank_q.get(key)
+            if q is None:
+                q = initial_q(key, m, r)
+            elif q.shape != (m, r):
+                raise ValueError(
+                    f"Invalid low-rank factor {key!r}: shape {tuple(q.shape)}, expected {(m, r)}"
+                )
+            q = self._lowrank_q[key] = q.to(g.device)
+            qs.append(q)
+        lowrank_mean_(
+            [g for _, _, g in keyed],
+            [self._residual(p, g) for _, p, g in keyed],
+            qs,
+            self.comm_dtype,
+            self.process_group,
+            self._stats,
+            block_size=self.block_size,
+        )
+
     def _end_bucket(self, bucket: dist.GradBucket) -> None:
         if bucket.is_last():
             self._stats.end_step()
@@ -193,7 +233,10 @@ class _HookState:
             keyed = sorted(
                 ((self._key(p), p, g) for _, _, ps in pending for p, g in ps), key=lambda t: t[0]
             )
-            self._average_([g for _, _, g in keyed], [p for _, p, _ in keyed], self.comm_dtype)
+            low = [t for t in keyed if compressed_shape(t[2].shape, self.lowrank_rank)]
+            dense = [t for t in keyed if not compressed_shape(t[2].shape, self.lowrank_rank)]
+            self._average_([g for _, _, g in dense], [p for _, p, _ in dense], self.comm_dtype)
+            self._lowrank_average_(low)
         except BaseException as err:
             for f, _, _ in pending:
                 f.set_exception(err)
@@ -223,7 +266,8 @@ class _HookState:
 
         Returns:
             ``{"kind", "version", "comm_dtype", "error_feedback", "block_size",
-            "hook_steps", "residuals": {key: fp32 tensor}, "comm_stats": {...}}``.
+            "lowrank_rank", "hook_steps", "residuals": {key: fp32 tensor},
+            "lowrank_q": {key: (m, r) fp32 tensor}, "comm_stats": {...}}``.
         """
         return {
             "kind": type(self).__name__,
@@ -231,8 +275,10 @@ class _HookState:
             "comm_dtype": self.comm_dtype,
             "error_feedback": self.error_feedback,
             "block_size": self.block_size,
+            "lowrank_rank": self.lowrank_rank,
             "hook_steps": self.hook_steps,
             "residuals": {k: r.detach().clone() for k, r in self._residuals.items()},
+            "lowrank_q": {k: q.detach().clone() for k, q in self._lowrank_q.items()},
             "comm_stats": self._stats.state_dict(),
         }
 
@@ -259,12 +305,24 @@ class _HookState:
                 raise ValueError(
                     f"Invalid state_dict: {name}={state_dict[name]!r}, this state has {mine!r}"
                 )
+        rank = state_dict.get("lowrank_rank", 0)  # saved before low-rank existed: 0
+        if rank != self.lowrank_rank:
+            raise ValueError(
+                f"Invalid state_dict: lowrank_rank={rank!r}, this state has {self.lowrank_rank!r}"
+            )
         residuals = state_dict["residuals"]
-        for key, r in residuals.items():
-            if not isinstance(key, str) or not isinstance(r, Tensor) or r.dtype != torch.float32:
-                raise ValueError(f"Invalid state_dict: residual {key!r} is not a float32 tensor")
-        self._check_keys(residuals)
+        factors = state_dict.get("lowrank_q", {})
+        for what, tensors in (("residual", residuals), ("low-rank factor", factors)):
+            for key, t in tensors.items():
+                if (
+                    not isinstance(key, str)
+                    or not isinstance(t, Tensor)
+                    or t.dtype != torch.float32
+                ):
+                    raise ValueError(f"Invalid state_dict: {what} {key!r} is not a float32 tensor")
+            self._check_keys(tensors)
         self._residuals = {k: r.detach().clone() for k, r in residuals.items()}
+        self._lowrank_q = {k: q.detach().clone() for k, q in factors.items()}
         self.hook_steps = int(state_dict["hook_steps"])
         if "comm_stats" in state_dict:
             self._stats.load_state_dict(state_dict["comm_stats"])

@@ -87,6 +87,10 @@ class CompressState(_HookState):
         warmup_steps: the first k steps use a plain fp32 all-reduce of the bucket
             (torch's ``allreduce_hook``), then ``comm_dtype``.
         block_size: elements per scale of the fp8 formats.
+        lowrank_rank: 0 (default) sends every gradient whole. r > 0: a gradient of
+            2+ dims, viewed n x m, with ``(n + m) r * 2 <= n m`` travels as rank-r
+            PowerSGD factors in ``comm_dtype`` (:mod:`dion_lp.lowrank`); needs
+            ``error_feedback``. Not with :func:`compress_wrapper`.
         inner_state: what :func:`compress_wrapper` passes to the hook it wraps
             (None: ``process_group``, what torch's default hooks take).
 
@@ -102,9 +106,10 @@ class CompressState(_HookState):
         warmup_steps: int = 0,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        lowrank_rank: int = 0,
         inner_state: Any = None,
     ) -> None:
-        super().__init__(process_group, comm_dtype, error_feedback, block_size)
+        super().__init__(process_group, comm_dtype, error_feedback, block_size, lowrank_rank)
         _check_int("warmup_steps", warmup_steps, 0)
         self.warmup_steps = warmup_steps
         self.inner_state = inner_state
@@ -134,6 +139,10 @@ class DionHookState(_HookState):
             "fp8_e5m2").
         error_feedback: per-parameter residuals of the rounding (not with "fp32").
         block_size: elements per scale of the fp8 formats.
+        lowrank_rank: 0 (default) sends the other gradients whole. r > 0: each of
+            them with 2+ dims, viewed n x m, with ``(n + m) r * 2 <= n m`` (an
+            embedding, an untied head) travels as rank-r PowerSGD factors in
+            ``comm_dtype`` with error feedback (:mod:`dion_lp.lowrank`).
 
     Residuals are keyed by the parameter's position in the optimizer's param groups.
     """
@@ -146,8 +155,9 @@ class DionHookState(_HookState):
         error_feedback: bool = True,
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        lowrank_rank: int = 0,
     ) -> None:
-        super().__init__(process_group, comm_dtype, error_feedback, block_size)
+        super().__init__(process_group, comm_dtype, error_feedback, block_size, lowrank_rank)
         self._optimizer: torch.optim.Optimizer | None = None
         self._owner_signature: tuple[Any, ...] | None = None
         self._owned: frozenset[int] = frozenset()
@@ -306,6 +316,11 @@ def compress_wrapper(hook: Hook) -> Hook:
         state: CompressState, bucket: dist.GradBucket
     ) -> torch.futures.Future[torch.Tensor]:
         _check_choice("comm_dtype (for compress_wrapper)", state.comm_dtype, _WRAPPER_FORMATS)
+        if state.lowrank_rank:
+            raise ValueError(
+                f"Invalid lowrank_rank (for compress_wrapper): {state.lowrank_rank!r}; "
+                "the wrapped hook decides how the bucket travels: use 0"
+            )
         inner = state.inner_state if state.inner_state is not None else state.process_group
         if state.in_warmup() or state.comm_dtype == "fp32":
             state._end_bucket(bucket)
@@ -354,6 +369,7 @@ def register_ddp(
     warmup_steps: int = 0,
     process_group: Any = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    lowrank_rank: int = 0,
 ) -> DionHookState | CompressState:
     """Register the right hook on ``ddp_model`` and return its state.
 
@@ -369,6 +385,8 @@ def register_ddp(
         warmup_steps: compress_hook only: plain fp32 all-reduce for the first k steps.
         process_group: None: the DDP model's group.
         block_size: elements per scale of the fp8 formats.
+        lowrank_rank: r > 0 sends the hook's large matrices as rank-r factors
+            (see :class:`DionHookState`); 0 sends them whole.
 
     Returns:
         The :class:`DionHookState` or :class:`CompressState`; checkpoint it with
@@ -390,11 +408,23 @@ def register_ddp(
         if warmup_steps:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps!r}; dion_hook has no warm-up")
         state: DionHookState | CompressState = DionHookState(
-            optimizer, group, comm_dtype, error_feedback, block_size=block_size
+            optimizer,
+            group,
+            comm_dtype,
+            error_feedback,
+            block_size=block_size,
+            lowrank_rank=lowrank_rank,
         )
         ddp_model.register_comm_hook(state, dion_hook)
         return state
-    state = CompressState(group, comm_dtype, error_feedback, warmup_steps, block_size=block_size)
+    state = CompressState(
+        group,
+        comm_dtype,
+        error_feedback,
+        warmup_steps,
+        block_size=block_size,
+        lowrank_rank=lowrank_rank,
+    )
     state.bind(ddp_model.module)
     ddp_model.register_comm_hook(state, compress_hook)
     return state
