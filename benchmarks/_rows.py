@@ -98,6 +98,8 @@ class Row:
         comm_dtype: the factor-exchange format the row is about ("fp32" if none).
         full_only: kept out of the default grid (too slow for its budget); why in ``note``.
         note: shown in the report.
+        hook_lowrank: in "hook" mode, the DDP hook's ``lowrank_rank`` (0: matrices
+            Dion does not own travel whole).
     """
 
     build: Callable[[nn.Module, BuildContext], Any]
@@ -105,6 +107,7 @@ class Row:
     comm_dtype: str = "fp32"
     full_only: bool = False
     note: str = ""
+    hook_lowrank: int = 0
 
 
 class OptimizerList:
@@ -253,10 +256,13 @@ def _dion_kwargs(mode: str, comm: str, ctx: BuildContext) -> dict[str, Any]:
     return {"process_group": ctx.local_group}
 
 
-def _dion(scalar: str = "lion", **options: Any) -> Callable[[nn.Module, BuildContext], Any]:
+def _dion(
+    scalar: str = "lion", hook_only: bool = False, **options: Any
+) -> Callable[[nn.Module, BuildContext], Any]:
     """A factory of ``dion_lp.Dion`` with ``options`` on top of :data:`DION`.
 
-    Tries the modes of :func:`dion_modes` in order and tags the optimizer with
+    Tries the modes of :func:`dion_modes` in order (only "hook" when ``hook_only``:
+    the row's compression lives in the DDP hook) and tags the optimizer with
     the one that was built (``opt.ablation_comm``), which
     ``benchmarks._train.wrap_model`` reads. If none can be built, raises
     ``NotImplementedError`` listing why each failed.
@@ -267,6 +273,9 @@ def _dion(scalar: str = "lion", **options: Any) -> Callable[[nn.Module, BuildCon
         comm = options.get("comm_dtype", "fp32")
         reasons = []
         for mode in dion_modes(ctx):
+            if hook_only and mode != "hook":
+                reasons.append(f"[{mode}] this row's compression is done by the DDP hook")
+                continue
             groups = dion_lp.param_groups(model, scalar_algorithm=scalar)
             for group in groups:
                 if group.get("algorithm") != "dion":
@@ -284,13 +293,16 @@ def _dion(scalar: str = "lion", **options: Any) -> Callable[[nn.Module, BuildCon
     return build
 
 
-def _row_dion(full_only: bool = False, note: str = "", **options: Any) -> Row:
+def _row_dion(
+    full_only: bool = False, note: str = "", hook_lowrank: int = 0, **options: Any
+) -> Row:
     return Row(
-        build=_dion(**options),
+        build=_dion(hook_only=hook_lowrank > 0, **options),
         kind="dion",
         comm_dtype=options.get("comm_dtype", "fp32"),
         full_only=full_only,
         note=note,
+        hook_lowrank=hook_lowrank,
     )
 
 
@@ -314,6 +326,12 @@ ROWS: dict[str, Row] = {
     "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3"),
     "dion_int8_mom_nearest": _row_dion(momentum_dtype="int8", stochastic_rounding=False),
     "dion_int8_mom_residual": _row_dion(momentum_dtype="int8", momentum_residual=True),
+    "dion_fp8comm_lowrank32": _row_dion(
+        comm_dtype="fp8_e4m3",
+        hook_lowrank=32,
+        full_only=True,
+        note="hook mode: embeddings and head sent as rank-32 fp8 factors",
+    ),
     "dion_fp8comm_int8mom": _row_dion(
         comm_dtype="fp8_e4m3",
         momentum_dtype="int8",

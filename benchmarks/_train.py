@@ -173,7 +173,8 @@ def wrap_model(row: Row, model: nn.Module, opt: Any, group: Any) -> Wrapped:
     if mode == "hook":
         hooks = importlib.import_module("dion_lp.hooks")
         if hasattr(hooks, "register_ddp"):
-            hook_state = hooks.register_ddp(ddp, opt, comm_dtype=row.comm_dtype)
+            extra = {"lowrank_rank": row.hook_lowrank} if row.hook_lowrank else {}
+            hook_state = hooks.register_ddp(ddp, opt, comm_dtype=row.comm_dtype, **extra)
         else:
             hook_state = hooks.DionHookState(opt, comm_dtype=row.comm_dtype)
             ddp.register_comm_hook(hook_state, hooks.dion_hook)
@@ -183,7 +184,8 @@ def wrap_model(row: Row, model: nn.Module, opt: Any, group: Any) -> Wrapped:
         def sent() -> int:
             return _stats_bytes(opt) + _stats_bytes(hook_state)
 
-        return Wrapped(ddp, sent, f"DDP + Dion hook ({row.comm_dtype})")
+        lowrank = f", lowrank {row.hook_lowrank}" if row.hook_lowrank else ""
+        return Wrapped(ddp, sent, f"DDP + Dion hook ({row.comm_dtype}{lowrank})")
     counter = ByteCounter(group, world)
     ddp.register_comm_hook(counter, counting_allreduce_hook)
     return Wrapped(ddp, counter.wire_bytes, "DDP all-reduce (fp32)")
