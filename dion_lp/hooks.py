@@ -12,6 +12,9 @@ bucket)`` returns a ``torch.futures.Future[torch.Tensor]`` of the bucket's buffe
   plain fp32 all-reduce. :func:`compress_wrapper` composes a bf16 cast with error
   feedback with another hook (e.g. torch's PowerSGD).
 - :func:`register_ddp` picks the hook and state for an optimizer.
+- ``lowrank_rank=r`` (both states): large averaged matrices (an embedding, an
+  untied head) travel as rank-r PowerSGD factors with error feedback
+  (:mod:`dion_lp.lowrank`) instead of whole.
 
 Averaging is :func:`dion_lp.comm.quantized_mean_` (quantized all-to-all, fp32
 sums, all-gather; never a sum in 8 bits): every rank receives bitwise identical
