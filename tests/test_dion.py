@@ -173,18 +173,19 @@ def test_transposed_non_contiguous_param_matches_contiguous():
     torch.testing.assert_close(Xt.detach(), Xc.detach(), rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_params_use_fp32_maths():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_params_use_fp32_maths(dtype):
     torch.manual_seed(5)
     X32 = nn.Parameter(torch.randn(16, 16))
-    X16 = nn.Parameter(X32.detach().bfloat16())
+    X16 = nn.Parameter(X32.detach().to(dtype))
     X32.data.copy_(X16.detach().float())
     opt32 = dion_lp.Dion([X32], lr=0.01)
     opt16 = dion_lp.Dion([X16], lr=0.01)
     G = torch.randn(16, 16)
-    X32.grad, X16.grad = G.clone(), G.bfloat16()
+    X32.grad, X16.grad = G.clone(), G.to(dtype)
     opt32.step()
     opt16.step()
-    assert X16.dtype == torch.bfloat16
+    assert X16.dtype == dtype
     assert opt16.state[X16]["momentum_codes"].dtype == torch.float32
     torch.testing.assert_close(X16.detach().float(), X32.detach(), rtol=1e-2, atol=1e-2)
 
