@@ -103,8 +103,11 @@ def collective(what: str, group: Any) -> Iterator[None]:
     except RuntimeError as err:
         if isinstance(err, CollectiveError):
             raise
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
         elapsed = time.monotonic() - start
+        try:
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+        except RuntimeError:  # the group itself is gone
+            rank, world = "?", "?"
         raise CollectiveError(
             f"dion_lp: {what} failed on rank {rank} of {world} after {elapsed:.1f} s: "
             f"{str(err).strip()} -- a peer rank has probably died or stopped calling "
