@@ -308,16 +308,24 @@ def _decode_row(row: Tensor, fmt: str, layout: _ChunkLayout, block_size: int) ->
     return quant.decode(codes, scales, fmt, block_size, layout.chunk_numel)
 
 
+def check_member(group: Any, name: str = "group") -> None:
+    """Raise a ValueError naming ``name`` if this rank is not in ``group`` (initialised dist)."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER or dist.get_rank(group) < 0:
+        raise ValueError(
+            f"Invalid {name}: this rank ({dist.get_rank()}) is not a member of it "
+            "(torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER on the "
+            "ranks it leaves out)"
+        )
+
+
 def _group_world_size(group: Any) -> int:
     """N for ``group``; 1 when torch.distributed is not initialised and no group is given."""
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("Invalid group: torch.distributed is not initialised")
         return 1
-    world_size = dist.get_world_size(group)
-    if world_size < 1:
-        raise ValueError("Invalid group: this rank is not a member of it")
-    return world_size
+    check_member(group)
+    return dist.get_world_size(group)
 
 
 def _check_tensors(tensors: Sequence[Tensor]) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import state as qstate
 from .checkpoint import STATE_DICT_VERSION, check_loadable, check_loaded_state, copy_value
-from .comm import CommStats, collective, quantized_mean_
+from .comm import CommStats, check_member, collective, quantized_mean_
 from .options import dion_rank, validate_group
 from .orthogonalize import column_normalize, orthonormalize
 from .scalar import scalar_step_
@@ -491,8 +491,7 @@ def _resolve_process_group(process_group: Any) -> tuple[Any, int]:
         raise ValueError(
             f"Invalid process_group: {process_group!r}; torch.distributed is not initialised"
         )
-    if dist.get_rank(process_group) < 0:
-        raise ValueError(f"Invalid process_group: {process_group!r}; this rank is not a member")
+    check_member(process_group, "process_group")
     return process_group, dist.get_world_size(process_group)
 
 

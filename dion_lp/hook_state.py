@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .comm import COMM_FORMATS, CommStats, quantized_mean_
+from .comm import COMM_FORMATS, CommStats, check_member, quantized_mean_
 from .lowrank import compressed_shape, initial_q, lowrank_mean_
 
 HOOK_STATE_VERSION = 1
@@ -46,10 +46,11 @@ def _check_process_group(process_group: Any) -> None:
         raise ValueError(
             f"Invalid process_group: {process_group!r}; torch.distributed is not initialised"
         )
-    if not isinstance(process_group, dist.ProcessGroup):
+    if process_group is not dist.GroupMember.NON_GROUP_MEMBER and not isinstance(
+        process_group, dist.ProcessGroup
+    ):
         raise ValueError(f"Invalid process_group: {process_group!r}; expected a ProcessGroup")
-    if dist.get_rank(process_group) < 0:
-        raise ValueError(f"Invalid process_group: {process_group!r}; this rank is not a member")
+    check_member(process_group, "process_group")
 
 
 def _world_size(process_group: Any) -> int:

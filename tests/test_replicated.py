@@ -100,6 +100,22 @@ def case_zero_gradient_on_one_rank(rank, world_size):
     return out
 
 
+def case_group_without_this_rank(rank, world_size):
+    tail = dist.new_group(list(range(1, world_size)))  # collective: every rank calls it
+    if rank != 0:
+        return None
+    errors = []
+    for build in (
+        lambda: dion_lp.Dion([nn.Parameter(torch.randn(8, 8))], process_group=tail),
+        lambda: dion_lp.hooks.CompressState(process_group=tail),
+    ):
+        try:
+            build()
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
+
+
 def case_error_feedback(rank, world_size):
     """Record P R^T as received, then check sum G = M_T - M_0 + (1 - mu) sum P R^T per rank."""
     received = {}
@@ -325,6 +341,11 @@ def test_resume_on_every_rank_is_bit_exact(dist_results):
     for out in dist_results["case_resume"]:
         assert out == {key: True for key in out}, out
         assert len(out) == 3
+
+
+def test_a_group_without_this_rank_is_refused(dist_results):
+    errors = dist_results["case_group_without_this_rank"][0]
+    assert len(errors) == 2 and all("this rank (0) is not a member" in e for e in errors), errors
 
 
 def test_process_group_errors():
