@@ -39,21 +39,21 @@ def _groups(params, **kw):
     ]
 
 
-def _grads(rank, step, zero_rank=None):
+def _grads(rank, step, zero_rank=None, scale=1.0):
     if rank == zero_rank:  # e.g. a rank whose batch touched none of these weights
         return [torch.zeros(s) for s in SHAPES]
     gen = torch.Generator().manual_seed(1000 * rank + step)
-    return [torch.randn(s, generator=gen) * (1 + rank) for s in SHAPES]
+    return [torch.randn(s, generator=gen) * (1 + rank) * scale for s in SHAPES]
 
 
-def _run(world_size, rank, steps=STEPS, zero_rank=None, **kw):
+def _run(world_size, rank, steps=STEPS, zero_rank=None, scale=1.0, **kw):
     params = _params()
     group_kw = {k: kw.pop(k) for k in ("comm_dtype", "momentum_dtype") if k in kw}
     opt = dion_lp.Dion(
         _groups(params, **group_kw), lr=0.02, mu=MU, weight_decay=0.1, grad_sync=True, **kw
     )
     for step in range(steps):
-        for p, g in zip(params, _grads(rank, step, zero_rank), strict=True):
+        for p, g in zip(params, _grads(rank, step, zero_rank, scale), strict=True):
             p.grad = g
         opt.step()
     return params, opt
@@ -96,6 +96,17 @@ def case_zero_gradient_on_one_rank(rank, world_size):
             comm_dtype=comm_dtype,
             momentum_dtype=momentum_dtype,
         )
+        out[comm_dtype] = [p.detach() for p in params]
+    return out
+
+
+def case_huge_gradients(rank, world_size):
+    """Gradients near GRAD_LIMIT: fp8/bf16 block scales absorb them, nothing overflows."""
+    from dion_lp.dion import GRAD_LIMIT
+
+    out = {}
+    for comm_dtype in ("bf16", "fp8_e4m3", "fp8_e5m2"):
+        params, _ = _run(world_size, rank, scale=GRAD_LIMIT / 16, comm_dtype=comm_dtype)
         out[comm_dtype] = [p.detach() for p in params]
     return out
 
@@ -341,6 +352,19 @@ def test_resume_on_every_rank_is_bit_exact(dist_results):
     for out in dist_results["case_resume"]:
         assert out == {key: True for key in out}, out
         assert len(out) == 3
+
+
+@pytest.mark.parametrize("comm_dtype", ["bf16", "fp8_e4m3", "fp8_e5m2"])
+def test_huge_gradients_cross_the_wire_without_overflow(dist_results, comm_dtype):
+    """Dion's update and AdamW's are invariant to the gradient's scale (up to AdamW's
+    eps), so 6e16-sized gradients must give the run of unit-sized ones."""
+    per_rank = [r[comm_dtype] for r in dist_results["case_huge_gradients"]]
+    _assert_identical_across_ranks(per_rank)
+    expected = _single_process_reference(dist_results.world_size)
+    tol = {"bf16": 3e-3, "fp8_e4m3": 1.5e-2, "fp8_e5m2": 3e-2}[comm_dtype]
+    for got, want in zip(per_rank[0], expected, strict=True):
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max().item() < tol
 
 
 def test_a_group_without_this_rank_is_refused(dist_results):
