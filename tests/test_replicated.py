@@ -224,7 +224,13 @@ def case_resume(rank, world_size):
     import io
 
     out = {}
-    for comm_dtype, momentum_dtype in (("fp32", "fp32"), ("fp8_e4m3", "int8"), ("bf16", "bf16")):
+    for comm_dtype, momentum_dtype in (
+        ("fp32", "fp32"),
+        ("fp8_e4m3", "int8"),
+        ("bf16", "bf16"),
+        ("fp8_e5m2", "fp8_e4m3"),
+        ("fp8_e4m3", "dynamic8"),
+    ):
         kw = dict(comm_dtype=comm_dtype, momentum_dtype=momentum_dtype)
         straight, _ = _run(world_size, rank, **kw)
         params, opt = _run(world_size, rank, steps=STEPS // 2, **kw)
@@ -351,7 +357,7 @@ def test_synchronized_momentum_continues_the_same_run(dist_results):
 def test_resume_on_every_rank_is_bit_exact(dist_results):
     for out in dist_results["case_resume"]:
         assert out == {key: True for key in out}, out
-        assert len(out) == 3
+        assert len(out) == 5
 
 
 @pytest.mark.parametrize("comm_dtype", ["bf16", "fp8_e4m3", "fp8_e5m2"])
