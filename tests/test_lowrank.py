@@ -167,10 +167,13 @@ class Net(nn.Module):
         return self.head(torch.relu(self.hidden(self.emb(x))))
 
 
-def _hooked(fmt):
+def _hooked(fmt, adamw=False):
     torch.manual_seed(0)
     model = DistributedDataParallel(Net())
-    opt = dion_lp.Dion(dion_lp.param_groups(model.module), lr=0.01)
+    if adamw:  # register_ddp picks compress_hook: every gradient averaged, matrices rank 2
+        opt = torch.optim.AdamW(model.parameters())
+    else:
+        opt = dion_lp.Dion(dion_lp.param_groups(model.module), lr=0.01)
     state = hooks.register_ddp(model, opt, comm_dtype=fmt, lowrank_rank=HOOK_RANK)
     names = {id(p): n for n, p in model.module.named_parameters()}
     order = [p for g in opt.param_groups for p in g["params"]]
@@ -202,6 +205,9 @@ def case_ddp_hook(rank, world_size):
             for name, fn in originals.items():
                 setattr(dist, name, fn)
         out[fmt] = (steps, state.state_dict(), keys, log)
+    model, state, _ = _hooked("fp8_e4m3", adamw=True)
+    assert isinstance(state, hooks.CompressState)
+    out["compress"] = ([_hook_step(model, rank, s) for s in range(HOOK_STEPS)], state.state_dict())
     # resume: 2 steps, save, a fresh model + hook state loads it, 2 more steps
     model, state, _ = _hooked("fp8_e4m3")
     for s in range(2):
@@ -288,6 +294,21 @@ def test_hook_bytes_match_the_wrapped_collectives(dist_results, fmt):
         assert measured == HOOK_STEPS * per_step == saved["comm_stats"]["bytes_sent"]
         dense = mean_bytes(2 * VOCAB * D + vectors, fmt, N)
         assert per_step < 0.6 * dense
+
+
+def test_compress_hook_lowrank_loses_nothing(dist_results):
+    """compress_hook + lowrank_rank: every matrix (Dion's 16 x 16 too) of rank <= 2;
+    sum of applied means + mean residual == sum of true means (names as keys)."""
+    N = dist_results.world_size
+    per_rank = [r["compress"] for r in dist_results["case_ddp_hook"]]
+    for name in ("emb.weight", "hidden.weight", "head.weight"):
+        applied = sum(per_rank[0][0][t][1][name].double() for t in range(HOOK_STEPS))
+        true = sum(per_rank[w][0][t][0][name].double() for w in range(N) for t in range(HOOK_STEPS))
+        residual = sum(per_rank[w][1]["residuals"][name].double() for w in range(N))
+        torch.testing.assert_close(applied + residual / N, true / N, rtol=0, atol=1e-5)
+        for w in range(1, N):
+            assert torch.equal(per_rank[w][0][-1][1][name], per_rank[0][0][-1][1][name])
+        assert torch.linalg.matrix_rank(per_rank[0][0][-1][1][name]) <= HOOK_RANK
 
 
 def test_hook_resumes_bit_for_bit(dist_results):
