@@ -20,6 +20,9 @@ Two parts:
      agreement on non-finite gradients (an all-reduce of 2 bytes per parameter
      tensor) and the means of P (``max(m, n) r``) and R (``min(m, n) r``) over every
      matrix, r = ceil(rank_fraction min(m, n)).
+   - the same with the hook's ``lowrank_rank`` 32 or 8: the non-Dion matrices
+     that ``dion_lp.lowrank.compressed_shape`` accepts (GPT-2's token and position
+     embeddings) travel as the means of their P (n r) and Q (m r) factors.
 
    DDP's buckets are its steady-state ones (25 MiB, the first 1 MiB, in reverse
    parameter order); only the per-bucket all-reduces depend on them, and only
