@@ -102,6 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="wire format of the DDP hook (non-Dion gradients)",
     )
     p.add_argument(
+        "--hook-lowrank",
+        type=int,
+        default=0,
+        help="send the embedding and head gradients as rank-r factors (0: whole)",
+    )
+    p.add_argument(
         "--momentum-dtype",
         choices=MOMENTUM_DTYPES,
         default="int8",
@@ -350,7 +356,8 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- training
 def build_config(args: argparse.Namespace) -> dict[str, Any]:
     """What must match between a checkpoint and the run resuming it."""
-    keys = ("comm_dtype", "hook_dtype", "momentum_dtype", "rank_fraction", "d_model", "n_layer")
+    keys = ("comm_dtype", "hook_dtype", "hook_lowrank", "momentum_dtype", "rank_fraction")
+    keys += ("d_model", "n_layer")
     keys += ("n_head", "seq_len", "batch_size", "seed", "lr", "scalar_lr", "warmup")
     return {k: getattr(args, k) for k in keys}
 
@@ -400,7 +407,9 @@ def train(args: argparse.Namespace) -> None:
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
     opt = build_optimizer(ddp.module, args)
-    hook_state = dion_lp.register_ddp(ddp, opt, comm_dtype=args.hook_dtype)  # the one line
+    hook_state = dion_lp.register_ddp(  # the one line
+        ddp, opt, comm_dtype=args.hook_dtype, lowrank_rank=args.hook_lowrank
+    )
     # Peak learning rates, read before loading a checkpoint: a saved state holds the lr
     # of its last step (mid warm-up, that is not the peak).
     peaks = [group["lr"] for group in opt.param_groups]
@@ -418,7 +427,8 @@ def train(args: argparse.Namespace) -> None:
     log(
         f"world {world} | backend {dist.get_backend()} | device {device} | params {n_all} "
         f"(dion {n_dion}, lion {n_all - n_dion}) | factors {args.comm_dtype} | hook "
-        f"{args.hook_dtype} | momentum {args.momentum_dtype} | rank_fraction {args.rank_fraction}"
+        f"{args.hook_dtype} (lowrank {args.hook_lowrank}) | momentum {args.momentum_dtype} | "
+        f"rank_fraction {args.rank_fraction}"
     )
     corpus = load_corpus()
     loss_mean = torch.zeros((), device=device)

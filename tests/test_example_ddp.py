@@ -48,6 +48,10 @@ RUN_ARGS = [f"--{k.replace('_', '-')}={v}" for k, v in MODEL.items()]
 RUN_ARGS += ["--batch-size=8", "--comm-dtype=fp8_e4m3", "--hook-dtype=bf16"]
 RUN_ARGS += ["--momentum-dtype=int8", "--rank-fraction=0.25", f"--ckpt-every={EVERY}"]
 RUN_ARGS += ["--warmup=12"]  # every resume point is mid warm-up: the lr must be the step's
+# the hook sends the embeddings and head as rank-8 factors: their warm starts and
+# residuals must survive a restart too
+LOWRANK = 8
+RUN_ARGS += [f"--hook-lowrank={LOWRANK}"]
 LAUNCH_TIMEOUT = 120.0  # seconds per phase of launches (one takes ~15 s on 2 busy cores)
 MARKER = "COMPLETE"
 
@@ -315,7 +319,17 @@ def test_bytes_per_step(runs: Runs) -> None:
         assert (m + n) * r < m * n  # every matrix exchanges factors in this configuration
         tall, short = tall + m * r, short + n * r
     factors = mean_bytes(tall, "fp8_e4m3", WORLD) + mean_bytes(short, "fp8_e4m3", WORLD)
+    whole = ps = qs = 0  # the hook: rank-r factors where (n + m) r * 2 <= n m, else whole
+    for g in groups:
+        for p in g["params"] if g["algorithm"] != "dion" else ():
+            n, m = p.shape[0], p[0].numel()
+            if p.dim() >= 2 and (n + m) * LOWRANK * 2 <= n * m:
+                ps, qs = ps + n * LOWRANK, qs + m * LOWRANK
+            else:
+                whole += p.numel()
+    assert ps > 0 and whole < other
+    hook = sum(mean_bytes(k, "bf16", WORLD) for k in (whole, ps, qs))
     for step, (_, _, opt_bytes, hook_bytes) in rows.items():
-        assert hook_bytes == mean_bytes(other, "bf16", WORLD), step
+        assert hook_bytes == hook, step
         # + the per-step agreement on non-finite gradients: 2 uint8 flags per parameter
         assert factors <= opt_bytes <= factors + 2 * n_params, step
