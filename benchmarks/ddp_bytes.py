@@ -10,13 +10,14 @@ Two parts:
 
    - default DDP: an fp32 all-reduce of every bucket;
    - ``compress_hook`` (bf16 / fp8): one quantized mean of every gradient per step,
-     ``mean_bytes(numel, fmt, N)``;
+     ``mean_bytes(numel, fmt, N)``, after an all-reduce of one uint8 non-finite
+     flag per gradient;
    - torch's PowerSGD (rank r), from its algorithm, per bucket: one fp32
      all-reduce of the tensors it does not compress (vectors, and matrices with
      ``(n + m) r * 2 >= n m``), one of the P factors (``n r`` per n x m matrix)
      and one of the Q factors (``m r``);
    - ``dion_hook`` + Dion with fp8 factors: the hook's one mean of the non-Dion
-     gradients in its format, plus what Dion sends itself: its per-step
+     gradients in its format (and their uint8 flags), plus what Dion sends itself: its per-step
      agreement on non-finite gradients (an all-reduce of 2 bytes per parameter
      tensor) and the means of P (``max(m, n) r``) and R (``min(m, n) r``) over every
      matrix, r = ceil(rank_fraction min(m, n)).
@@ -177,8 +178,9 @@ def powersgd_bytes(
 
 
 def compress_bytes(params: Sequence[ParamShape], N: int, fmt: str) -> int:
-    """``compress_hook``: one quantized mean of every gradient per step."""
-    return mean_bytes(sum(p.numel for p in params), fmt, N)
+    """``compress_hook``: a uint8 non-finite flag per gradient, then one quantized mean."""
+    flags = collective_bytes("all_reduce", len(params), N)
+    return flags + mean_bytes(sum(p.numel for p in params), fmt, N)
 
 
 def dion_bytes(
@@ -196,7 +198,8 @@ def dion_bytes(
 
     Returns:
         ``{"hook": mean of the non-Dion gradients sent whole, "hook_lowrank": means
-        of their P and Q factors, "flags": Dion's non-finite agreement, "factors":
+        of their P and Q factors, "hook_flags": the hook's non-finite agreement (a
+        uint8 per non-Dion gradient), "flags": Dion's, "factors":
         means of Dion's P and R (or of B where (m+n) r >= m n)}``.
     """
     full = tall = thin = 0
@@ -222,6 +225,7 @@ def dion_bytes(
     return {
         "hook": mean_bytes(whole, hook_fmt, N),
         "hook_lowrank": mean_bytes(ps, hook_fmt, N) + mean_bytes(qs, hook_fmt, N),
+        "hook_flags": collective_bytes("all_reduce", sum(not p.dion for p in params), N),
         "flags": collective_bytes("all_reduce", 2 * len(params), N),  # uint8 (2, params)
         "factors": factors,
     }

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .comm import COMM_FORMATS, CommStats, check_member, quantized_mean_
+from .comm import COMM_FORMATS, CommStats, check_member, collective, quantized_mean_
 from .lowrank import compressed_shape, initial_q, lowrank_mean_
 
 HOOK_STATE_VERSION = 1
@@ -182,6 +182,33 @@ class _HookState:
         for g, x in zip(grads, xs, strict=True):
             g.copy_(x)
 
+    def _drop_nonfinite_(
+        self, keyed: list[tuple[str, Tensor, Tensor]]
+    ) -> list[tuple[str, Tensor, Tensor]]:
+        """The (key, param, gradient) triples whose gradient is finite on every rank.
+
+        One all-reduce (MAX) of a uint8 flag per gradient tells every rank which
+        gradients are non-finite anywhere; those are set to NaN on every rank (as
+        DDP's own all-reduce would spread them, so the optimizer raises or skips
+        consistently) and kept out of the mean: their residuals and low-rank
+        factors stay as they were, and the codecs never see a NaN.
+        """
+        if not keyed:
+            return keyed
+        grads = [g for _, _, g in keyed]
+        flags = torch.stack([~torch.isfinite(g).all() for g in grads]).to(torch.uint8)
+        world = _world_size(self.process_group)
+        if world > 1:
+            with collective("all_reduce of the hook's gradient flags", self.process_group):
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
+            self._stats.record_collective("all_reduce", flags.numel(), world)
+        if not flags.any():
+            return keyed
+        for g, bad in zip(grads, flags.tolist(), strict=True):
+            if bad:
+                g.fill_(float("nan"))
+        return [t for t, bad in zip(keyed, flags.tolist(), strict=True) if not bad]
+
     def _lowrank_average_(self, keyed: list[tuple[str, Tensor, Tensor]]) -> None:
         """Rank-``lowrank_rank`` means of the (key, param, gradient) matrices (PowerSGD)."""
         if not keyed:
@@ -234,6 +261,7 @@ class _HookState:
             keyed = sorted(
                 ((self._key(p), p, g) for _, _, ps in pending for p, g in ps), key=lambda t: t[0]
             )
+            keyed = self._drop_nonfinite_(keyed)
             low = [t for t in keyed if compressed_shape(t[2].shape, self.lowrank_rank)]
             dense = [t for t in keyed if not compressed_shape(t[2].shape, self.lowrank_rank)]
             self._average_([g for _, _, g in dense], [p for _, p, _ in dense], self.comm_dtype)

@@ -329,14 +329,18 @@ def compress_wrapper(hook: Hook) -> Hook:
             state._end_bucket(bucket)
             return hook(inner, bucket)
         buffer = bucket.buffer()
-        low = _cast_with_feedback(state, bucket)
+        low, updates = _cast_with_feedback(state, bucket)
         state._end_bucket(bucket)
         bucket.set_buffer(low)
         fut = hook(inner, bucket)
 
         def decompress(fut: torch.futures.Future[Any]) -> Tensor:
             value = fut.value()
-            buffer.copy_(value[0] if isinstance(value, list) else value)
+            value = value[0] if isinstance(value, list) else value
+            for residual, new, start in updates:  # a non-finite mean leaves the residual as it was
+                if torch.isfinite(value[start : start + new.numel()]).all():
+                    residual.copy_(new)
+            buffer.copy_(value)
             return buffer
 
         return fut.then(decompress)
@@ -346,20 +350,28 @@ def compress_wrapper(hook: Hook) -> Hook:
 
 
 @torch.no_grad()
-def _cast_with_feedback(state: CompressState, bucket: dist.GradBucket) -> Tensor:
-    """The bucket (numel,) cast to bf16, residuals added before and refreshed after."""
+def _cast_with_feedback(
+    state: CompressState, bucket: dist.GradBucket
+) -> tuple[Tensor, list[tuple[Tensor, Tensor, int]]]:
+    """The bucket (numel,) cast to bf16 with residuals added, and the residual updates.
+
+    Returns:
+        ``(low, [(residual, new residual, offset in the bucket), ...])``; the new
+        residuals are committed once the wrapped hook's mean is known to be finite.
+    """
     buffer = bucket.buffer()
     if not state.error_feedback:
-        return buffer.to(torch.bfloat16)
+        return buffer.to(torch.bfloat16), []
     low = torch.empty(buffer.shape, dtype=torch.bfloat16, device=buffer.device)
+    updates = []
     for p, g in zip(bucket.parameters(), bucket.gradients(), strict=True):
         r = state._residual(p, g)
         x = g.float() + r
         cast = x.to(torch.bfloat16)
-        r.copy_(x - cast.float())
         start = g.storage_offset() - buffer.storage_offset()  # g is a view into the buffer
+        updates.append((r, x - cast.float(), start))
         low[start : start + g.numel()].copy_(cast.reshape(-1))
-    return low
+    return low, updates
 
 
 # ----------------------------------------------------------------------------- convenience

@@ -37,7 +37,7 @@ import torch
 
 import dion_lp
 from benchmarks.model import GPT, GPTConfig
-from dion_lp.comm import mean_bytes
+from dion_lp.comm import collective_bytes, mean_bytes
 from dion_lp.options import dion_rank
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
@@ -328,7 +328,9 @@ def test_bytes_per_step(runs: Runs) -> None:
             else:
                 whole += p.numel()
     assert ps > 0 and whole < other
+    n_other = sum(len(g["params"]) for g in groups if g["algorithm"] != "dion")
     hook = sum(mean_bytes(k, "bf16", WORLD) for k in (whole, ps, qs))
+    hook += collective_bytes("all_reduce", n_other, WORLD)  # a uint8 non-finite flag each
     for step, (_, _, opt_bytes, hook_bytes) in rows.items():
         assert hook_bytes == hook, step
         # + the per-step agreement on non-finite gradients: 2 uint8 flags per parameter

@@ -436,12 +436,16 @@ def _assert_identical_across_ranks(per_rank):
             assert torch.equal(a, b)
 
 
-def _non_dion_numel() -> int:
+def _non_dion() -> list[torch.Tensor]:
     model = _model()
     dion = {
         id(p) for g in _dion(model).param_groups if g["algorithm"] == "dion" for p in g["params"]
     }
-    return sum(p.numel() for p in model.parameters() if id(p) not in dion)
+    return [p for p in model.parameters() if id(p) not in dion]
+
+
+def _non_dion_numel() -> int:
+    return sum(p.numel() for p in _non_dion())
 
 
 # ----------------------------------------------------------------------------- tests
@@ -462,12 +466,15 @@ def test_dion_hook_bytes_are_those_of_the_non_dion_slices_only(dist_results):
         assert sum(n for n, _ in layouts[1]) == _non_dion_numel()
         assert all(n > 0 and d > 0 for n, d in layouts[1])  # every bucket mixes
         for buckets, log, last_step in steps:
-            # whatever the buckets: one coalesced mean of the step's non-Dion numel, no more
-            expected = mean_bytes(_non_dion_numel(), "fp8_e4m3", N)
+            # whatever the buckets: one coalesced mean of the step's non-Dion numel, and
+            # one uint8 flag per non-Dion gradient (non-finite anywhere?), no more
+            flags = collective_bytes("all_reduce", len(_non_dion()), N)
+            expected = mean_bytes(_non_dion_numel(), "fp8_e4m3", N) + flags
             measured = sum(collective_bytes(kind, nbytes, N) for kind, nbytes, _ in log)
             assert measured == expected == last_step
-            assert sorted(kind for kind, _, _ in log) == ["all_gather", "all_to_all"]
-            assert {dtype for _, _, dtype in log} == {torch.uint8}  # fp8 codes + scales
+            kinds = sorted(kind for kind, _, _ in log)
+            assert kinds == ["all_gather", "all_reduce", "all_to_all"]
+            assert {dtype for _, _, dtype in log} == {torch.uint8}  # flags, fp8 codes + scales
             # averaging the Dion slices too would cost several times more
             everything = mean_bytes(sum(n + d for n, d in buckets), "fp8_e4m3", N)
             assert measured < 0.25 * everything
@@ -522,8 +529,12 @@ def test_compress_hook_warmup_uses_plain_all_reduce(dist_results):
             if step < 2:
                 assert kinds == ["all_reduce"] and exact
             else:
-                assert kinds == ["all_to_all", "all_gather"] and not exact
-        assert stats["by_kind"]["all_reduce"] == 2 * collective_bytes("all_reduce", 4 * VEC, N)
+                assert kinds == ["all_reduce", "all_to_all", "all_gather"] and not exact
+        flags = collective_bytes("all_reduce", 1, N)  # one uint8 flag: the one gradient
+        assert (
+            stats["by_kind"]["all_reduce"]
+            == 2 * collective_bytes("all_reduce", 4 * VEC, N) + 2 * flags
+        )
         assert stats["steps"] == 4
 
 

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dion_lp
 from dion_lp import hooks
-from dion_lp.comm import CommStats, mean_bytes
+from dion_lp.comm import CommStats, collective_bytes, mean_bytes
 from dion_lp.lowrank import compressed_shape, initial_q, lowrank_mean_
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
@@ -287,11 +287,14 @@ def test_hook_bytes_match_the_wrapped_collectives(dist_results, fmt):
     N = dist_results.world_size
     vectors = D + VOCAB  # hidden.bias, head.bias
     P_numel, Q_numel = 2 * VOCAB * HOOK_RANK, 2 * D * HOOK_RANK
+    flags = collective_bytes("all_reduce", 4, N)  # a uint8 flag per averaged gradient (4)
     per_step = sum(mean_bytes(n, fmt, N) for n in (vectors, P_numel, Q_numel))
     for _, saved, _, log in (r[fmt] for r in dist_results["case_ddp_hook"]):
-        assert all(kind != "all_reduce" for kind, _ in log)  # no fp32 all-reduce at all
-        measured = sum(S * (N - 1) // N for _, S in log)  # bus bytes of N equal chunks
-        assert measured == HOOK_STEPS * per_step == saved["comm_stats"]["bytes_sent"]
+        reduces = [S for kind, S in log if kind == "all_reduce"]
+        assert reduces == [4] * HOOK_STEPS  # only the flags: no gradient all-reduced
+        measured = sum(S * (N - 1) // N for kind, S in log if kind != "all_reduce")
+        assert measured == HOOK_STEPS * per_step  # bus bytes of N equal chunks
+        assert saved["comm_stats"]["bytes_sent"] == HOOK_STEPS * (per_step + flags)
         dense = mean_bytes(2 * VOCAB * D + vectors, fmt, N)
         assert per_step < 0.6 * dense
 
