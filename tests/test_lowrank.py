@@ -337,3 +337,15 @@ def test_lowrank_arguments_are_checked():
     wrapped = hooks.compress_wrapper(lambda s, b: None)
     with pytest.raises(ValueError, match="lowrank_rank"):
         wrapped(hooks.CompressState(comm_dtype="bf16", lowrank_rank=2), None)
+
+
+def test_lowrank_state_pickles_without_the_process_group():
+    import pickle
+
+    model = Net()
+    opt = dion_lp.Dion(dion_lp.param_groups(model), lr=0.01)
+    state = hooks.DionHookState(opt, lowrank_rank=2)
+    state._lowrank_q["0"] = initial_q("0", 16, 2)
+    back = pickle.loads(pickle.dumps(state))
+    assert back.lowrank_rank == 2 and back.process_group is None
+    assert torch.equal(back.state_dict()["lowrank_q"]["0"], state._lowrank_q["0"])
