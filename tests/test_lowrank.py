@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
+from _collectives import recorded_collectives
 from _dist import spawn_fixture
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -196,15 +196,10 @@ def _hook_step(model, rank, step):
 def case_ddp_hook(rank, world_size):
     out = {}
     for fmt in ("fp32", "fp8_e4m3"):
-        log = []
         model, state, keys = _hooked(fmt)
-        originals = _count_collectives(log)
-        try:
+        with recorded_collectives() as log:
             steps = [_hook_step(model, rank, s) for s in range(HOOK_STEPS)]
-        finally:
-            for name, fn in originals.items():
-                setattr(dist, name, fn)
-        out[fmt] = (steps, state.state_dict(), keys, log)
+        out[fmt] = (steps, state.state_dict(), keys, [(kind, S) for kind, S, _ in log])
     model, state, _ = _hooked("fp8_e4m3", adamw=True)
     assert isinstance(state, hooks.CompressState)
     out["compress"] = ([_hook_step(model, rank, s) for s in range(HOOK_STEPS)], state.state_dict())
@@ -217,26 +212,6 @@ def case_ddp_hook(rank, world_size):
     state.load_state_dict(saved)
     out["resumed"] = [_hook_step(model, rank, s) for s in range(2, HOOK_STEPS)]
     return out
-
-
-def _count_collectives(log):
-    """Wrap torch.distributed: log (kind, bytes S of the whole buffer) of each collective."""
-    picks = {"all_to_all_single": 1, "all_gather_single": 0, "all_gather_into_tensor": 0}
-    picks["all_reduce"] = 0
-    originals = {}
-    for name, index in picks.items():
-        fn = getattr(dist, name, None)
-        if fn is None:
-            continue
-        originals[name] = fn
-
-        def wrapper(*args, _fn=fn, _name=name, _index=index, **kwargs):
-            t = args[_index]
-            log.append((_name, t.numel() * t.element_size()))
-            return _fn(*args, **kwargs)
-
-        setattr(dist, name, wrapper)
-    return originals
 
 
 COMPRESSED = ("emb.weight", "head.weight")  # 64 x 16: (64 + 16) 2 * 2 <= 1024
