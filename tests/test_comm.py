@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
+from _collectives import KINDS, patched_collectives
 from _dist import CaseError, run_cases, spawn_fixture
 from torch import Tensor
 from torch.nn.functional import max_pool1d
@@ -64,29 +65,17 @@ def _outlier_data(rank: int) -> list[Tensor]:
 def _recorded_collectives() -> Iterator[list[tuple[str, int, int, torch.dtype]]]:
     """Wrap the torch.distributed collectives; log (name, output bytes, input bytes, dtype)."""
     log: list[tuple[str, int, int, torch.dtype]] = []
-    names = ["all_to_all_single", "all_gather_single", "all_gather_into_tensor", "all_reduce"]
-    names += ["reduce_scatter_tensor", "all_gather", "all_to_all", "broadcast"]
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
 
-    def wrap(name, fn):
-        def wrapper(*args, **kwargs):
-            out = args[0]
-            inp = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else out
-            if isinstance(out, Tensor):
-                log.append((name, out.nbytes, inp.nbytes, inp.dtype))
-            else:  # list-based collectives: not expected, logged so the test sees them
-                log.append((name, -1, -1, None))
-            return fn(*args, **kwargs)
+    def on_call(name: str, args: tuple) -> None:
+        out = args[0]
+        inp = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else out
+        if isinstance(out, Tensor):
+            log.append((name, out.nbytes, inp.nbytes, inp.dtype))
+        else:  # list-based collectives: not expected, logged so the test sees them
+            log.append((name, -1, -1, None))
 
-        return wrapper
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
+    with patched_collectives(KINDS, on_call):
         yield log
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
 
 
 def _mean_call(tensors: list[Tensor], fmt: str, block_size: int, group=None) -> dict:
