@@ -31,6 +31,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ._rows import ROWS, UNAVAILABLE, BuildContext, Row, state_bytes, unavailable_reason
+from ._spawn import exit_rank
 from .data import Corpus, load_corpus
 from .model import GPT, GPTConfig
 
@@ -409,7 +410,7 @@ def worker(rank: int, cfg: RunConfig, port: int, queue: Any) -> None:
         queue.put(("done", rank))
     except BaseException:
         queue.put(("error", rank, traceback.format_exc()))
-        raise
-    finally:
         if group is not None and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    exit_rank(queue)

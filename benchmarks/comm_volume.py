@@ -57,6 +57,7 @@ import torch.distributed as dist
 from dion_lp.comm import COMM_FORMATS, collective_bytes, mean_bytes
 from dion_lp.options import dion_rank
 
+from ._spawn import exit_rank
 from ._tables import Column, environment, format_table, write_results
 from .model import GPTConfig
 from .shapes import MODELS, ParamSpec, from_model, shapes
@@ -339,6 +340,23 @@ _bf16_allreduce_hook.__annotations__.update(
 )
 
 
+def _finish_each_bucket(hook: Any) -> Any:
+    """``hook`` that completes each bucket before DDP hands over the next one.
+
+    PowerSGD issues its P and Q all-reduces from future callbacks; on gloo those
+    race the next bucket's hook for the process group, so ranks can issue
+    collectives in different orders (seen as a rare SIGABRT under load). Waiting
+    per bucket fixes the order; the bytes are the same.
+    """
+
+    def finish(state, bucket):  # no annotations: DDP only checks those it finds
+        fut = hook(state, bucket)
+        fut.wait()
+        return fut
+
+    return finish
+
+
 def _run_ddp(job: MeasureJob, hook: str, rank: int, world_size: int) -> int:
     """Bytes the last of ``job.steps`` backward passes sent through DDP's comm hook."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -357,7 +375,7 @@ def _run_ddp(job: MeasureJob, hook: str, rank: int, world_size: int) -> int:
         state = psgd.PowerSGDState(
             process_group=None, matrix_approximation_rank=int(hook[8:]), start_powerSGD_iter=2
         )
-        ddp.register_comm_hook(state, psgd.powerSGD_hook)
+        ddp.register_comm_hook(state, _finish_each_bucket(psgd.powerSGD_hook))
     gen = torch.Generator().manual_seed(1000 + rank)
     sent = 0
     for _ in range(max(job.steps, 3)):
@@ -389,8 +407,10 @@ def _worker(rank: int, world_size: int, tmpdir: str, job: MeasureJob) -> None:
         for hook in hooks:
             out["ddp"].append({"hook": hook, "bytes": _run_ddp(job, hook, rank, world_size)})
         Path(tmpdir, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()
 
 
 def _spawn(job: MeasureJob, world_size: int, deadline_s: float) -> list[dict[str, Any]]:

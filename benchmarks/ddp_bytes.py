@@ -62,6 +62,7 @@ from dion_lp.lowrank import compressed_shape
 from dion_lp.options import dion_rank
 
 from ._rows import ADAMW, DION, SCALAR_LR
+from ._spawn import exit_rank
 from .model import GPT, GPTConfig
 
 __all__ = ["GPT2_SMALL", "METHODS", "ParamShape", "account", "gpt2_params", "main", "model_params"]
@@ -389,8 +390,10 @@ def _rank_main(rank: int, world_size: int, tmp: str, args: dict[str, Any]) -> No
             results[method] = {"measured": counter.bytes, "accounted": expected, "loss": loss}
         if rank == 0:
             torch.save(results, os.path.join(tmp, "results.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()
 
 
 def measure(methods: list[str], steps: int, rank_fraction: float) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from dion_lp.comm import collective_bytes
 from dion_lp.sharded import step_bytes
 
+from ._spawn import exit_rank
 from ._tables import Column, format_table
 from .model import GPT, GPTConfig
 from .shapes import shapes
@@ -190,8 +191,10 @@ def _rank_main(rank: int, world_size: int, tmp: str, rank_fraction: float) -> No
         if rank == 0:
             with open(os.path.join(tmp, "results.json"), "w") as f:
                 json.dump(results, f)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()
 
 
 def measure(rank_fraction: float) -> dict[str, Any]:

@@ -135,6 +135,8 @@ def _rank_main(rank: int, world_size: int, store_path: str, args: dict, out: dic
     """One replicated rank: median step time per wire format, interleaved."""
     import torch.distributed as dist
 
+    from ._spawn import exit_rank
+
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
@@ -165,8 +167,10 @@ def _rank_main(rank: int, world_size: int, store_path: str, args: dict, out: dic
         if rank == 0:
             out.update({fmt: statistics.median(ts) for fmt, ts in times.items()})
             out.update({f"{fmt}_bytes": opts[fmt][0].comm_stats()["last_step"] for fmt in opts})
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()
 
 
 def replicated(
