@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _dist import spawn_fixture
+from _models import VOCAB, EmbedNet
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -22,18 +23,7 @@ from dion_lp import hooks
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
 
-VOCAB, D, BATCH, STEPS, POISONED = 64, 16, 12, 5, 2
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, D)
-        self.hidden = nn.Linear(D, D)
-        self.head = nn.Linear(D, VOCAB)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(self.emb(x))))
+BATCH, STEPS, POISONED = 12, 5, 2
 
 
 def _batch(rank, step):
@@ -45,7 +35,7 @@ def _train(rank, world_size, kind, poison):
     """STEPS steps; with ``poison`` the last rank's loss is NaN at step POISONED,
     without it that step is left out. Returns (params, hook state dict, grads seen)."""
     torch.manual_seed(0)
-    model = DistributedDataParallel(Net())
+    model = DistributedDataParallel(EmbedNet())
     if kind == "compress_wrapper":
         opt = None
         state = hooks.CompressState(comm_dtype="bf16")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from _collectives import recorded_collectives
 from _dist import spawn_fixture
+from _models import VOCAB, D, EmbedNet
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -151,25 +152,12 @@ def test_bytes_are_two_factor_means(dist_results, fmt):
 
 
 # ---------------------------------------------------------------------------- DDP + hooks
-VOCAB, D, BATCH, HOOK_RANK, HOOK_STEPS = 64, 16, 12, 2, 4
-
-
-class Net(nn.Module):
-    """An embedding and an untied head (element-wise, sent rank-2), a Dion matrix, vectors."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(VOCAB, D)
-        self.hidden = nn.Linear(D, D)
-        self.head = nn.Linear(D, VOCAB)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.hidden(self.emb(x))))
+BATCH, HOOK_RANK, HOOK_STEPS = 12, 2, 4
 
 
 def _hooked(fmt, adamw=False):
     torch.manual_seed(0)
-    model = DistributedDataParallel(Net())
+    model = DistributedDataParallel(EmbedNet())
     if adamw:  # register_ddp picks compress_hook: every gradient averaged, matrices rank 2
         opt = torch.optim.AdamW(model.parameters())
     else:
@@ -298,7 +286,7 @@ def test_hook_resumes_bit_for_bit(dist_results):
 
 
 def test_lowrank_arguments_are_checked():
-    model = Net()
+    model = EmbedNet()
     opt = dion_lp.Dion(dion_lp.param_groups(model), lr=0.01)
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="lowrank_rank"):
@@ -317,7 +305,7 @@ def test_lowrank_arguments_are_checked():
 def test_lowrank_state_pickles_without_the_process_group():
     import pickle
 
-    model = Net()
+    model = EmbedNet()
     opt = dion_lp.Dion(dion_lp.param_groups(model), lr=0.01)
     state = hooks.DionHookState(opt, lowrank_rank=2)
     state._lowrank_q["0"] = initial_q("0", 16, 2)

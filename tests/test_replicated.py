@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from _collectives import recorded_collectives
 from _dist import spawn_fixture
 from torch import nn
 
@@ -151,39 +152,10 @@ def case_error_feedback(rank, world_size):
     return out
 
 
-def _wrap_collectives(log):
-    """Record every collective's kind and its buffer's byte size S."""
-    originals = {}
-
-    def wrap(name, kind, pick):
-        fn = getattr(dist, name, None)
-        if fn is None:
-            return
-        originals[name] = fn
-
-        def wrapper(*args, **kwargs):
-            tensor = pick(args)
-            log.append((kind, tensor.numel() * tensor.element_size()))
-            return fn(*args, **kwargs)
-
-        setattr(dist, name, wrapper)
-
-    wrap("all_reduce", "all_reduce", lambda a: a[0])
-    wrap("all_to_all_single", "all_to_all", lambda a: a[1])
-    wrap("all_gather_single", "all_gather", lambda a: a[0])
-    wrap("all_gather_into_tensor", "all_gather", lambda a: a[0])
-    return originals
-
-
 def case_comm_stats(rank, world_size):
-    log = []
-    originals = _wrap_collectives(log)
-    try:
+    with recorded_collectives() as log:
         _, opt = _run(world_size, rank, steps=3, comm_dtype="fp8_e4m3")
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-    return log, opt.comm_stats()
+    return [(kind, nbytes) for kind, nbytes, _ in log], opt.comm_stats()
 
 
 def case_nonfinite(rank, world_size):

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from _collectives import recorded_collectives
 from _dist import spawn_fixture
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -132,46 +133,16 @@ def case_low_precision(rank, world):
     return _full(model), fmts, opt.state_bytes()
 
 
-def _wrap_collectives(log):
-    originals = {}
-
-    def wrap(name, kind, pick):
-        fn = getattr(dist, name, None)
-        if fn is None:
-            return
-        originals[name] = fn
-
-        def wrapper(*args, **kwargs):
-            tensor = pick(args)
-            log.append((kind, tensor.numel() * tensor.element_size()))
-            return fn(*args, **kwargs)
-
-        setattr(dist, name, wrapper)
-
-    wrap("all_reduce", "all_reduce", lambda a: a[0])
-    wrap("all_to_all_single", "all_to_all", lambda a: a[1])
-    wrap("all_gather_single", "all_gather", lambda a: a[0])
-    wrap("all_gather_into_tensor", "all_gather", lambda a: a[0])
-    wrap("reduce_scatter_tensor", "reduce_scatter", lambda a: a[1])
-    wrap("broadcast", "broadcast", lambda a: a[0])
-    return originals
-
-
 def case_no_full_matrix_on_the_wire(rank, world):
     model, opt = _sharded(rank, world)
     _train(model, opt, 1, rank, world)
     x, y = _batch(5)
     per = GLOBAL_BATCH // world
     nn.functional.mse_loss(model(x[rank * per : (rank + 1) * per]), y[:per]).backward()
-    log = []
-    originals = _wrap_collectives(log)
     before = opt.comm_stats()["bytes_sent"]
-    try:
-        with CommDebugMode() as debug:
-            opt.step()
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
+    with recorded_collectives() as recorded, CommDebugMode() as debug:
+        opt.step()
+    log = [(kind, nbytes) for kind, nbytes, _ in recorded]
     sizes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in MATRICES}
     return log, debug.get_total_counts(), opt.comm_stats()["bytes_sent"] - before, sizes
 
