@@ -204,10 +204,13 @@ class _HookState:
             self._stats.record_collective("all_reduce", flags.numel(), world)
         if not flags.any():
             return keyed
-        for g, bad in zip(grads, flags.tolist(), strict=True):
+        finite = []
+        for t, bad in zip(keyed, flags.tolist(), strict=True):
             if bad:
-                g.fill_(float("nan"))
-        return [t for t, bad in zip(keyed, flags.tolist(), strict=True) if not bad]
+                t[2].fill_(float("nan"))
+            else:
+                finite.append(t)
+        return finite
 
     def _lowrank_average_(self, keyed: list[tuple[str, Tensor, Tensor]]) -> None:
         """Rank-``lowrank_rank`` means of the (key, param, gradient) matrices (PowerSGD)."""
@@ -215,7 +218,7 @@ class _HookState:
             return
         qs = []
         for key, _, g in keyed:
-            n, m, r = compressed_shape(g.shape, self.lowrank_rank)
+            _, m, r = compressed_shape(g.shape, self.lowrank_rank)
             q = self._lowrank_q.get(key)
             if q is None:
                 q = initial_q(key, m, r)
@@ -262,8 +265,9 @@ class _HookState:
                 ((self._key(p), p, g) for _, _, ps in pending for p, g in ps), key=lambda t: t[0]
             )
             keyed = self._drop_nonfinite_(keyed)
-            low = [t for t in keyed if compressed_shape(t[2].shape, self.lowrank_rank)]
-            dense = [t for t in keyed if not compressed_shape(t[2].shape, self.lowrank_rank)]
+            low, dense = [], []
+            for t in keyed:
+                (low if compressed_shape(t[2].shape, self.lowrank_rank) else dense).append(t)
             self._average_([g for _, _, g in dense], [p for _, p, _ in dense], self.comm_dtype)
             self._lowrank_average_(low)
         except BaseException as err:

@@ -27,6 +27,7 @@ chosen format: two rounds of (all-to-all, all-gather) for all matrices together.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -50,10 +51,7 @@ def compressed_shape(shape: Sequence[int], rank: int) -> tuple[int, int, int] | 
     """
     if rank < 1 or len(shape) < 2:
         return None
-    n = int(shape[0])
-    m = 1
-    for s in shape[1:]:
-        m *= int(s)
+    n, m = int(shape[0]), math.prod(int(s) for s in shape[1:])
     r = min(n, m, rank)
     if r < 1 or (n + m) * r * MIN_RATE > n * m:
         return None

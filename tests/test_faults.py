@@ -103,20 +103,11 @@ def _worker(
     try:
         SCENARIOS[scenario](rank, world, where, fault, conn)
     except Exception as err:  # what a survivor sees is the result
-        report.update(error=type(err).__name__, message=str(err), chain=_chain(err))
+        report.update(error=type(err).__name__, message=str(err))
     report["seconds"] = time.monotonic() - start
     conn.send(report)
     # no destroy_process_group(): its barrier would wait for the dead rank
     os._exit(0)
-
-
-def _chain(err: BaseException) -> list[str]:
-    out, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        out.append(type(err).__name__)
-        err = err.__cause__ or err.__context__
-    return out
 
 
 def _run(scenario: str, where: str, fault: str, world: int) -> list[dict[str, Any]]:
