@@ -135,7 +135,8 @@ def test_low_rank_mean_goes_through_exactly(dist_results):
     for step in range(STEPS):
         for i in range(len(SHAPES)):
             mean = sum(_matrices(w, step, low_rank=True)[i] for w in range(N)) / N
-            assert _rel(per_rank[0][step][0][i], mean) < 1e-5
+            # fp32 Gram-Schmidt and two matmuls: measured 1.14e-5 on one CPU, under 1e-5 on another
+            assert _rel(per_rank[0][step][0][i], mean) < 5e-5
             assert per_rank[0][step][1][i].norm() < 1e-4 * mean.norm()
 
 

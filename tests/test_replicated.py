@@ -253,12 +253,13 @@ def test_low_precision_formats_stay_identical_and_close(dist_results, comm_dtype
         assert (got - want).abs().max().item() < tol
 
 
-@pytest.mark.parametrize("comm_dtype,tol", [("fp32", 1e-5), ("fp8_e4m3", 0.1)])
+@pytest.mark.parametrize("comm_dtype,tol", [("fp32", 5e-5), ("fp8_e4m3", 0.1)])
 def test_zero_gradient_on_one_rank_only(dist_results, comm_dtype, tol):
     """The last rank's gradients are all zero: the others' are averaged with its zeros.
 
-    Error relative to how far the exact run moved: fp32 <= 7e-6, fp8_e4m3 <= 0.051
-    (measured, 2 and 3 ranks).
+    Error relative to how far the exact run moved: fp32 7e-6 to 1.44e-5 (fp32 rounding
+    through five QRs; the figure depends on the CPU's BLAS kernels), fp8_e4m3 <= 0.051
+    (measured, 2 and 3 ranks, on two CPUs).
     """
     per_rank = [r[comm_dtype] for r in dist_results["case_zero_gradient_on_one_rank"]]
     _assert_identical_across_ranks(per_rank)
