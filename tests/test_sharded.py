@@ -201,6 +201,10 @@ def case_dcp_reshard(rank, world):
     return out
 
 
+# (wire, momentum): the HSDP low-precision recipes, each run with both groups compressed
+LOW_PRECISION_HSDP = (("bf16", "bf16"), ("fp8_e4m3", "int8"), ("fp8_e5m2", "fp8_e4m3"))
+
+
 def case_hsdp(rank, world):
     """4 ranks = 2 replicas x 2 shards, every rank on its own quarter of the batch."""
     if world < 4:
@@ -216,7 +220,7 @@ def case_hsdp(rank, world):
     opt.synchronize_for_checkpoint()
     out["dion"] = _full(model), opt.state[model.w2.weight]["momentum_codes"].full_tensor(), by_kind
     # the same in low precision: factors on the wire (shard and replica groups), momentum
-    for comm_dtype, momentum_dtype in (("bf16", "bf16"), ("fp8_e4m3", "int8")):
+    for comm_dtype, momentum_dtype in LOW_PRECISION_HSDP:
         model = Net()
         fully_shard(model, mesh=mesh["shard"], shard_placement_fn=_placement)
         opt = _optimizer(
@@ -374,15 +378,15 @@ def test_hsdp_equals_single_process(dist_results, reference):
     # low precision through both groups: close to fp32, identical on every rank, fewer bytes
     # Low precision through both groups: identical on every rank, close to fp32, fewer
     # bytes. Dion's matrices are held to the format's tolerance (measured max error:
-    # bf16 1.5e-4, fp8 + int8 1.1e-3). The element-wise (AdamW) params' gradients travel
-    # in bf16 and AdamW's first steps are ~lr * sign(g): where two replicas' gradients
-    # nearly cancel, rounding can flip the sign of their mean and move that entry by
-    # 2 lr (seen once in head.weight). Those params are held to their movement instead.
+    # bf16 1.5e-4, fp8 + int8 1.1e-3, e5m2 + fp8 momentum 2.2e-3). The element-wise
+    # (AdamW) params' gradients travel in bf16, and AdamW's first steps are ~lr * sign(g):
+    # where two replicas' gradients nearly cancel, rounding can flip the sign of their
+    # mean and move that entry by 2 lr (seen once in head.weight). Those params are held
+    # to their movement instead.
     initial = {n: p.detach() for n, p in Net().named_parameters()}
     fp32_bytes = sum(results[0]["dion"][2].values())
-    for fmt, momentum_fmt, atol, byte_ratio in (
-        ("bf16", "bf16", 1e-3, 0.55),
-        ("fp8_e4m3", "int8", 4e-3, 0.4),
+    for (fmt, momentum_fmt), atol, byte_ratio in zip(
+        LOW_PRECISION_HSDP, (1e-3, 4e-3, 4e-3), (0.55, 0.4, 0.4), strict=True
     ):
         for out in results:
             full, got_fmt, nbytes = out[fmt]
