@@ -177,6 +177,36 @@ def test_stochastic_is_unbiased(fmt: str) -> None:
     assert (err <= tol).all(), (err - tol).max()
 
 
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_stochastic_is_unbiased_on_subnormals_and_binade_edges(fmt: str) -> None:
+    """Where the fp8 grid's spacing changes: subnormals, the min normal, powers of two.
+
+    The block's absmax is the format's max, so the scale is 1 and y = x exactly.
+    Each value's mean over N draws must be within 5 sigma / sqrt(N) of x, sigma
+    from its bracket in the full grid (oracle), plus 2^-20 of the bracket for the
+    subnormal shift's fp32 rounding.
+    """
+    grid = full_grid(fmt)
+    tiny = float(grid[grid > 0].min())  # the smallest subnormal: the subnormal spacing
+    normal = float(2.0 ** {"fp8_e4m3": -6, "fp8_e5m2": -14}[fmt])
+    values = [0.3 * tiny, 1.5 * tiny, 2.7 * tiny, normal - 0.4 * tiny, normal * 1.01]
+    values += [normal * 0.999, 1.0 + 1e-3, 2.0 - 1e-3, 3.3, 100.7, GRID_MAX[fmt] * 0.99]
+    base = torch.tensor([GRID_MAX[fmt], *values, *(-v for v in values)], dtype=torch.float32)
+    draws = 20000
+    g = torch.Generator().manual_seed(11)
+    q = quantize(base.repeat(draws), fmt, block_size=base.numel(), stochastic=True, generator=g)
+    assert torch.equal(q.scales, torch.ones_like(q.scales))
+    mean = dequantize(q).double().view(draws, -1).mean(0)
+    y = base.double()
+    lo, hi = brackets(grid, y)
+    gap = hi - lo
+    p = (y - lo) / gap.clamp(min=1e-300)
+    sigma = gap * (p * (1 - p)).sqrt()
+    tol = 5 * sigma / math.sqrt(draws) + 2.0**-20 * gap
+    err = (mean - y).abs()
+    assert (err <= tol).all(), (y[err > tol], err[err > tol], tol[err > tol])
+
+
 def representable(fmt: str, numel: int, seed: int) -> Tensor:
     """Values exactly on fmt's grid, with power-of-two scales (every step exact)."""
     g = torch.Generator().manual_seed(seed)
@@ -314,6 +344,17 @@ def test_encode_into_wire_bytes_and_decode(fmt: str) -> None:
     out = torch.empty(1000)
     got = quant.decode(codes, scales, fmt, 128, 1000, out=out)
     assert got is out and torch.equal(out, dequantize(q))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_decode_equals_the_cast_for_every_code(fmt: str) -> None:
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)  # every bit pattern
+    want = codes.view(FP8_DTYPES[fmt]).float() * 0.5
+    got = quant.decode(codes, torch.full((2,), 0.5), fmt, 128, 256)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[finite], want[finite])
+    assert torch.equal(got[finite].signbit(), want[finite].signbit())  # -0 stays -0
 
 
 def test_decode_fp32_aliases_codes() -> None:
