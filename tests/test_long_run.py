@@ -1,6 +1,7 @@
 """Long-run stability: 5,000 steps of fp8 exchange + int8 momentum against fp32 Dion.
 
-Slow (~35 min on 2 cores): kept out of the default suite; run it with
+Slow (17.5 min on 2 cores here, 35 min on a slower machine): kept out of the
+default suite; run it with
 
     python -m pytest -m slow tests/test_long_run.py
 
