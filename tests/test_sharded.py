@@ -152,25 +152,38 @@ def case_no_full_matrix_on_the_wire(rank, world):
     return log, debug.get_total_counts(), opt.comm_stats()["bytes_sent"] - before, sizes
 
 
+# (momentum, wire, stochastic rounding, residual): DCP round trips, every 8/16-bit format
+DCP_RECIPES = (
+    ("int8", "bf16", True, True),
+    ("fp8_e4m3", "fp8_e5m2", True, False),
+    ("bf16", "fp8_e4m3", True, False),
+    ("dynamic8", "fp32", False, False),
+)
+
+
 def case_dcp_same_mesh(rank, world):
     """Save after 2 steps, go on 2; a fresh model + optimizer loaded from it does the same."""
-    kw = dict(momentum_dtype="int8", comm_dtype="bf16", stochastic_rounding=True)
-    kw["momentum_residual"] = True
-    model, opt = _sharded(rank, world, **kw)
-    _train(model, opt, 2, rank, world)
-    path = _shared_dir(rank)
-    dcp.save({"model": model.state_dict(), "optim": dcp_state_dict(opt)}, checkpoint_id=path)
-    _train(model, opt, 2, rank, world, start=2)
-    model2, opt2 = _sharded(rank, world, **kw)
-    sd = {"model": model2.state_dict(), "optim": dcp_state_dict(opt2)}
-    dcp.load(sd, checkpoint_id=path)
-    model2.load_state_dict(sd["model"])
-    load_dcp_state_dict(opt2, sd["optim"])
-    _train(model2, opt2, 2, rank, world, start=2)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(path)
-    return _full(model), _full(model2)
+    out = {}
+    for momentum_dtype, comm_dtype, sr, residual in DCP_RECIPES:
+        kw = dict(momentum_dtype=momentum_dtype, comm_dtype=comm_dtype, stochastic_rounding=sr)
+        kw["momentum_residual"] = residual
+        model, opt = _sharded(rank, world, **kw)
+        _train(model, opt, 2, rank, world)
+        path = _shared_dir(rank)
+        dcp.save({"model": model.state_dict(), "optim": dcp_state_dict(opt)}, checkpoint_id=path)
+        _train(model, opt, 2, rank, world, start=2)
+        model2, opt2 = _sharded(rank, world, **kw)
+        sd = {"model": model2.state_dict(), "optim": dcp_state_dict(opt2)}
+        dcp.load(sd, checkpoint_id=path)
+        model2.load_state_dict(sd["model"])
+        load_dcp_state_dict(opt2, sd["optim"])
+        _train(model2, opt2, 2, rank, world, start=2)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(path)
+        fmt = opt2.state[model2.w1.weight]["momentum_sharded"]["fmt"]
+        out[momentum_dtype] = _full(model), _full(model2), fmt
+    return out
 
 
 def case_dcp_reshard(rank, world):
@@ -351,8 +364,11 @@ def test_no_collective_moves_a_full_matrix(dist_results):
         assert stats_bytes < sum(m * n * 4 for m, n in sizes.values()) * (N - 1) / N
 
 
-def test_dcp_round_trip_continues_identically(dist_results):
-    for uninterrupted, resumed in dist_results["case_dcp_same_mesh"]:
+@pytest.mark.parametrize("momentum_dtype", [r[0] for r in DCP_RECIPES])
+def test_dcp_round_trip_continues_identically(dist_results, momentum_dtype):
+    for out in dist_results["case_dcp_same_mesh"]:
+        uninterrupted, resumed, fmt = out[momentum_dtype]
+        assert fmt == momentum_dtype
         for name, value in uninterrupted.items():
             assert torch.equal(value, resumed[name]), name
 
