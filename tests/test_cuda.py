@@ -1,0 +1,142 @@
+"""The same maths on CUDA as on the CPU: codecs, a Dion step, a checkpoint round trip.
+
+Skipped without a GPU (none has been lent to this project, so this module has
+never run: the CUDA path stays "untested" in the README until it has). The
+expectations are the CPU's results on the same inputs, which the rest of the
+suite checks against its oracles:
+
+- round-to-nearest codes are equal to the CPU's (the maths is elementwise IEEE
+  fp32; a differing code is allowed only where y sits within 2^-20 of a tie);
+- stochastic rounding returns a bracketing neighbour and is unbiased (the CUDA
+  generator draws other bits, so codes are compared in distribution);
+- Dion fp32 and int8 steps track the CPU's within fp32 rounding (cuBLAS/cuSOLVER
+  sum in other orders), and a state_dict saved on CUDA resumes bit for bit there.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import pytest
+import torch
+from test_quant import brackets, code_values, full_grid, normalized
+from torch import nn
+
+import dion_lp
+from dion_lp import quant
+
+# DION_LP_TEST_DEVICE=cpu dry-runs this module on the CPU (it then checks only that
+# the tests themselves are sound: the CPU against itself).
+CUDA = torch.device(os.environ.get("DION_LP_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(
+    CUDA.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"
+)
+FORMATS_8 = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8")
+
+
+def _input(numel: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(numel, generator=g) * 10 ** (-2 * torch.rand(numel, generator=g))
+
+
+@pytest.mark.parametrize("fmt", ("bf16", *FORMATS_8))
+def test_nearest_codes_equal_the_cpu(fmt: str) -> None:
+    x = _input(4096 + 37, seed=0)  # a short tail block
+    cpu = quant.quantize(x, fmt, block_size=256)
+    gpu = quant.quantize(x.to(CUDA), fmt, block_size=256)
+    if cpu.scales is not None:
+        torch.testing.assert_close(gpu.scales.cpu(), cpu.scales, rtol=0, atol=0)
+    back_cpu, back_gpu = quant.dequantize(cpu), quant.dequantize(gpu).cpu()
+    differ = back_cpu != back_gpu
+    assert differ.float().mean() < 1e-3, f"{int(differ.sum())} codes differ"
+
+
+@pytest.mark.parametrize("fmt", ("bf16", *FORMATS_8))
+def test_stochastic_is_bracketing_and_unbiased_on_cuda(fmt: str) -> None:
+    """test_quant's oracle (the full grid of the format) applied to codes drawn on CUDA."""
+    width, draws = 64, 4000
+    x = _input(width, seed=1).clamp(-0.5, 0.5)
+    x[0] = 0.9  # the block's absmax (the signed codebook has no -1)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q = quant.quantize(
+        x.to(CUDA).repeat(draws), fmt, block_size=width, stochastic=True, generator=g
+    )
+    scales = None if q.scales is None else q.scales.cpu()
+    q = quant.QuantizedTensor(q.codes.cpu(), scales, fmt, q.shape, q.dtype, q.block_size)
+    q1 = quant.quantize(x, fmt, block_size=width)  # the CPU's scales: equal (test above)
+    y = normalized(x, q1)
+    lo, hi = brackets(full_grid(fmt), y)
+    got = (q.codes.double() if fmt == "bf16" else code_values(q)).view(draws, width)
+    assert ((got == lo) | (got == hi)).all()
+    scale = 1.0 if fmt == "bf16" else q1.scales.double()
+    gap = hi - lo
+    p = torch.where(gap > 0, (y - lo) / gap.clamp(min=1e-300), 0.0)
+    sigma = gap * scale * (p * (1 - p)).sqrt()
+    mean = quant.dequantize(q).double().view(draws, width).mean(0)
+    tol = 5 * sigma / math.sqrt(draws) + 2.0**-20 * x.double().abs()
+    assert ((mean - x.double()).abs() <= tol).all()
+
+
+def _train(device: torch.device, momentum_dtype: str, steps: int, stochastic: bool = True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(device)
+    groups = dion_lp.param_groups(model, rank_fraction=0.25)
+    opt = dion_lp.Dion(
+        groups, lr=0.02, momentum_dtype=momentum_dtype, stochastic_rounding=stochastic, seed=1
+    )
+    for step in range(steps):
+        g = torch.Generator().manual_seed(100 + step)
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 32, generator=g)
+        nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize("momentum_dtype,atol", [("fp32", 1e-4), ("int8", 1e-3)])
+def test_dion_on_cuda_tracks_the_cpu(momentum_dtype: str, atol: float) -> None:
+    # nearest rounding: both devices round the same values the same way (the CUDA
+    # generator's stochastic draws are checked in distribution above)
+    cpu, _ = _train(torch.device("cpu"), momentum_dtype, 5, stochastic=False)
+    gpu, opt = _train(CUDA, momentum_dtype, 5, stochastic=False)
+    for a, b in zip(cpu.parameters(), gpu.parameters(), strict=True):
+        assert b.device.type == CUDA.type
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=0, atol=atol)
+    assert all(t.device.type == CUDA.type for st in opt.state.values() for t in _tensors(st))
+
+
+def _tensors(state: dict):
+    for value in state.values():
+        if isinstance(value, torch.Tensor):
+            yield value
+
+
+@pytest.mark.parametrize("momentum_dtype", ["fp32", "int8", "fp8_e4m3"])
+def test_cuda_checkpoint_resumes_bit_for_bit(momentum_dtype: str) -> None:
+    straight, _ = _train(CUDA, momentum_dtype, 6)
+    model, opt = _train(CUDA, momentum_dtype, 3)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    torch.manual_seed(123)  # another init: everything must come from the checkpoint
+    model2 = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(CUDA)
+    model2.load_state_dict(saved["model"])
+    opt2 = dion_lp.Dion(
+        dion_lp.param_groups(model2, rank_fraction=0.25),
+        lr=0.02,
+        momentum_dtype=momentum_dtype,
+        seed=999,
+    )
+    opt2.load_state_dict(saved["opt"])
+    # the remaining 3 steps use batches 3..5 of the straight run
+    for step in range(3, 6):
+        g = torch.Generator().manual_seed(100 + step)
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 32, generator=g)
+        nn.functional.mse_loss(model2(x.to(CUDA)), y.to(CUDA)).backward()
+        opt2.step()
+        opt2.zero_grad()
+    for a, b in zip(straight.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
