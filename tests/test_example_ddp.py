@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _jobs import descendants, kill_job
 
 import dion_lp
 from benchmarks.model import GPT, GPTConfig
@@ -83,32 +84,6 @@ def _launch(ckpt_dir: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _kill_job(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL the job: the workers (torchrun starts each in its own session) and torchrun."""
-    for pid in [*_descendants(proc.pid), proc.pid]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # session leaders: their group id is their pid
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=30)
-
-
 @contextlib.contextmanager
 def _job(ckpt_dir: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
     """A launched job that is killed, whole, if the block exits with it still running."""
@@ -116,8 +91,8 @@ def _job(ckpt_dir: Path, *extra: str) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None or _descendants(proc.pid):
-            _kill_job(proc)
+        if proc.poll() is None or descendants(proc.pid):
+            kill_job(proc)
 
 
 def _wait(proc: subprocess.Popen[str], deadline: float) -> str:
@@ -189,7 +164,7 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen[str], ckpt: Path, deadli
         assert time.monotonic() < deadline, "no complete checkpoint in time"
         time.sleep(0.01)
     assert proc.poll() is None, "run finished before it could be killed"
-    _kill_job(proc)
+    kill_job(proc)
 
 
 def _plant_bad_checkpoints(ckpt: Path, latest: int) -> tuple[Path, Path]:

@@ -42,7 +42,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _jobs import descendants, kill_job
 
 import dion_lp
 from benchmarks.model import GPT, GPTConfig
@@ -98,32 +98,6 @@ def _launch(nproc: int, ckpt_dir: Path, extra: list[str]) -> subprocess.Popen[by
         )
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
-
-
-def _kill_job(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL torchrun and its workers (which torchrun may start in sessions of their own)."""
-    for pid in [*_descendants(proc.pid), proc.pid]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
-
-
 @contextlib.contextmanager
 def _job(nproc: int, ckpt_dir: Path, extra: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     """A launched job that is killed, whole, if the block exits with it still running."""
@@ -131,8 +105,8 @@ def _job(nproc: int, ckpt_dir: Path, extra: list[str]) -> Iterator[subprocess.Po
     try:
         yield proc
     finally:
-        if proc.poll() is None or _descendants(proc.pid):
-            _kill_job(proc)
+        if proc.poll() is None or descendants(proc.pid):
+            kill_job(proc)
 
 
 def _run_wave(jobs: dict[str, Job]) -> dict[str, str]:
