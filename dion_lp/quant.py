@@ -478,7 +478,7 @@ def _fp8_round_stochastic(y: Tensor, grid: _Fp8Grid, generator: torch.Generator 
     drop = 23 - grid.mantissa_bits
     offset = 2.0**grid.min_exponent
     a = y.abs()
-    shift = (a < offset).to(torch.float32).mul_(offset)  # offset for subnormals, else 0
+    shift = torch.where(a < offset, offset, 0.0)  # offset for subnormals, else 0
     bits = a.add_(shift).view(torch.int32)
     bits.add_(_random_bits(y.shape, (1 << drop) - 1, y.device, generator))
     bits.bitwise_and_(-(1 << drop))

@@ -79,19 +79,33 @@ def test_stochastic_is_bracketing_and_unbiased_on_cuda(fmt: str) -> None:
     assert ((mean - x.double()).abs() <= tol).all()
 
 
-def _train(device: torch.device, momentum_dtype: str, steps: int, stochastic: bool = True):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(device)
+def _model(device: torch.device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(device)
+
+
+def _optimizer(model: nn.Module, momentum_dtype: str, stochastic: bool, seed: int) -> dion_lp.Dion:
     groups = dion_lp.param_groups(model, rank_fraction=0.25)
-    opt = dion_lp.Dion(
-        groups, lr=0.02, momentum_dtype=momentum_dtype, stochastic_rounding=stochastic, seed=1
+    return dion_lp.Dion(
+        groups, lr=0.02, momentum_dtype=momentum_dtype, stochastic_rounding=stochastic, seed=seed
     )
-    for step in range(steps):
+
+
+def _steps(model: nn.Module, opt: dion_lp.Dion, steps: range) -> None:
+    """Train on batches ``steps`` (batch k is the same on every device and in every run)."""
+    device = next(model.parameters()).device
+    for step in steps:
         g = torch.Generator().manual_seed(100 + step)
         x, y = torch.randn(16, 64, generator=g), torch.randn(16, 32, generator=g)
         nn.functional.mse_loss(model(x.to(device)), y.to(device)).backward()
         opt.step()
         opt.zero_grad()
+
+
+def _train(device: torch.device, momentum_dtype: str, steps: int, stochastic: bool = True):
+    model = _model(device)
+    opt = _optimizer(model, momentum_dtype, stochastic, seed=1)
+    _steps(model, opt, range(steps))
     return model, opt
 
 
@@ -121,22 +135,10 @@ def test_cuda_checkpoint_resumes_bit_for_bit(momentum_dtype: str) -> None:
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    torch.manual_seed(123)  # another init: everything must come from the checkpoint
-    model2 = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32)).to(CUDA)
+    model2 = _model(CUDA, seed=123)  # another init: everything must come from the checkpoint
     model2.load_state_dict(saved["model"])
-    opt2 = dion_lp.Dion(
-        dion_lp.param_groups(model2, rank_fraction=0.25),
-        lr=0.02,
-        momentum_dtype=momentum_dtype,
-        seed=999,
-    )
+    opt2 = _optimizer(model2, momentum_dtype, stochastic=True, seed=999)
     opt2.load_state_dict(saved["opt"])
-    # the remaining 3 steps use batches 3..5 of the straight run
-    for step in range(3, 6):
-        g = torch.Generator().manual_seed(100 + step)
-        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 32, generator=g)
-        nn.functional.mse_loss(model2(x.to(CUDA)), y.to(CUDA)).backward()
-        opt2.step()
-        opt2.zero_grad()
+    _steps(model2, opt2, range(3, 6))  # the straight run's batches 3..5
     for a, b in zip(straight.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -165,8 +165,12 @@ def case_dcp_same_mesh(rank, world):
     """Save after 2 steps, go on 2; a fresh model + optimizer loaded from it does the same."""
     out = {}
     for momentum_dtype, comm_dtype, sr, residual in DCP_RECIPES:
-        kw = dict(momentum_dtype=momentum_dtype, comm_dtype=comm_dtype, stochastic_rounding=sr)
-        kw["momentum_residual"] = residual
+        kw = dict(
+            momentum_dtype=momentum_dtype,
+            comm_dtype=comm_dtype,
+            stochastic_rounding=sr,
+            momentum_residual=residual,
+        )
         model, opt = _sharded(rank, world, **kw)
         _train(model, opt, 2, rank, world)
         path = _shared_dir(rank)
@@ -391,7 +395,6 @@ def test_hsdp_equals_single_process(dist_results, reference):
         for mode in ("dion", "native"):
             _assert_close(out[mode][0], reference, 1e-5)
         assert "native FSDP2 HSDP" in out["error"]
-    # low precision through both groups: close to fp32, identical on every rank, fewer bytes
     # Low precision through both groups: identical on every rank, close to fp32, fewer
     # bytes. Dion's matrices are held to the format's tolerance (measured max error:
     # bf16 1.5e-4, fp8 + int8 1.1e-3, e5m2 + fp8 momentum 2.2e-3). The element-wise
