@@ -9,7 +9,7 @@ bytes and ``(N-1)/N * S`` per all-to-all / all-gather. One replicated Dion step
   have a gradient, which are non-finite), so that the ranks agree;
 - full: matrices whose factors would not be smaller than themselves,
   ``(m + n) r >= m n``, exchange B (m n numbers) instead, one coalesced
-  quantized mean (:func:`dion_lp.comm.mean_bytes`);
+  quantized mean (:func:`dion_lp.dist.accounting.mean_bytes`);
 - P: one coalesced quantized mean of every other matrix's ``m x r`` left factor
   (tall orientation, m >= n);
 - R: one coalesced quantized mean of their ``n x r`` right factors;
@@ -54,8 +54,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dion_lp.comm import COMM_FORMATS, collective_bytes, mean_bytes
+from dion_lp.dist.accounting import collective_bytes, mean_bytes
 from dion_lp.options import dion_rank
+from dion_lp.quant.formats import WIRE_FORMATS as COMM_FORMATS
 
 from ._spawn import exit_rank
 from ._tables import Column, environment, format_table, write_results
@@ -123,7 +124,7 @@ def dion_step_bytes(
 
     Args:
         specs: the model's tensors; ``"dion-matrix"`` ones are Dion's.
-        comm_dtype: factor-exchange format (one of ``dion_lp.comm.COMM_FORMATS``).
+        comm_dtype: factor-exchange format (one of ``dion_lp.quant.formats.WIRE_FORMATS``).
         rank_fraction, rank_multiple_of: Dion's rank options.
         world_size: N.
         scalar_fmt: format of the non-Dion gradients' mean: ``"grad_sync"``

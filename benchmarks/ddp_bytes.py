@@ -6,7 +6,7 @@ Two parts:
    50257, 1024 positions, tied head: 124,439,808 parameters), built on the meta
    device, so nothing is allocated. Every figure is one rank's wire bytes per
    optimizer step in the nccl-tests bus-bandwidth convention of
-   :mod:`dion_lp.comm` (an all-reduce of S bytes over N ranks costs 2 (N-1)/N S):
+   :mod:`dion_lp.dist.accounting` (an all-reduce of S bytes over N ranks costs 2 (N-1)/N S):
 
    - default DDP: an fp32 all-reduce of every bucket;
    - ``compress_hook`` (bf16 / fp8): one quantized mean of every gradient per step,
@@ -22,7 +22,7 @@ Two parts:
      tensor) and the means of P (``max(m, n) r``) and R (``min(m, n) r``) over every
      matrix, r = ceil(rank_fraction min(m, n)).
    - the same with the hook's ``lowrank_rank`` 32 or 8: the non-Dion matrices
-     that ``dion_lp.lowrank.compressed_shape`` accepts (GPT-2's token and position
+     that ``dion_lp.ddp.lowrank.compressed_shape`` accepts (GPT-2's token and position
      embeddings) travel as the means of their P (n r) and Q (m r) factors.
 
    DDP's buckets are its steady-state ones (25 MiB, the first 1 MiB, in reverse
@@ -57,8 +57,8 @@ import torch.distributed as dist
 from torch import nn
 
 import dion_lp
-from dion_lp.comm import collective_bytes, mean_bytes
-from dion_lp.lowrank import compressed_shape
+from dion_lp.ddp.lowrank import compressed_shape
+from dion_lp.dist.accounting import collective_bytes, mean_bytes
 from dion_lp.options import dion_rank
 
 from ._rows import ADAMW, DION, SCALAR_LR
@@ -195,7 +195,7 @@ def dion_bytes(
     """``dion_hook`` + replicated Dion, split into the hook's and Dion's own bytes.
 
     With ``lowrank`` r > 0 the hook sends each non-Dion matrix that
-    ``dion_lp.lowrank.compressed_shape`` accepts as its P (n r) and Q (m r) means.
+    ``dion_lp.ddp.lowrank.compressed_shape`` accepts as its P (n r) and Q (m r) means.
 
     Returns:
         ``{"hook": mean of the non-Dion gradients sent whole, "hook_lowrank": means

@@ -14,7 +14,7 @@ counted once (``benchmarks._rows.state_bytes``). Per parameter = bytes / paramet
 
 Each measured figure is set beside its closed form computed from the shapes
 (:func:`dion_state_bytes`, :func:`baseline_state_bytes`): Dion's from the
-library's own rules (tensors under ``dion_lp.state.MIN_QUANT_NUMEL`` stay fp32,
+library's own rules (tensors under ``dion_lp.quant.buffer.MIN_QUANT_NUMEL`` stay fp32,
 8-bit codes plus one fp32 scale per 256, Q of ``min(m, n) x r`` in fp32 with
 fp32 momentum else bf16, residual bf16, AdamW's second moment in the unsigned
 dynamic codebook). The closed forms then give the 7B figure without building it.
@@ -49,10 +49,10 @@ import torch
 from torch import nn
 
 import dion_lp
-from dion_lp import quant
+from dion_lp.algorithms.elementwise import ELEMENTWISE_STATE as SCALAR_STATE
+from dion_lp.algorithms.elementwise import state_format as scalar_format
 from dion_lp.options import dion_rank
-from dion_lp.scalar import SCALAR_STATE, scalar_format
-from dion_lp.state import storage_format
+from dion_lp.quant.buffer import buffer_nbytes
 
 from ._rows import OptimizerList, _adamw_groups, _split_named, state_bytes
 from ._tables import Column, environment, format_table, write_results
@@ -140,9 +140,9 @@ FULL_ONLY_MODEL_BASELINES = ("adamw8bit (torchao)",)
 
 
 # ----------------------------------------------------------------------------- closed forms
-def _buffer_bytes(numel: int, fmt: str) -> int:
-    """Bytes of a dion_lp state buffer of ``numel`` elements asked for in ``fmt``."""
-    return quant.encoded_nbytes(numel, storage_format(fmt, numel), BLOCK_SIZE)
+def _buffer_bytes(shape: tuple[int, ...], fmt: str) -> int:
+    """Bytes of a dion_lp state buffer of a tensor of ``shape`` asked for in ``fmt``."""
+    return buffer_nbytes(tuple(shape), fmt, BLOCK_SIZE)
 
 
 def dion_state_bytes(specs: Sequence[ParamSpec], cfg: DionConfig) -> int:
@@ -150,7 +150,8 @@ def dion_state_bytes(specs: Sequence[ParamSpec], cfg: DionConfig) -> int:
 
     Dion matrices: momentum (:func:`_buffer_bytes`), Q of ``min(m, n) x r``
     (4 bytes with fp32 momentum, else 2), bf16 residual if asked (not with fp32).
-    Other tensors: the scalar rule's buffers (``dion_lp.scalar.SCALAR_STATE``) in
+    Other tensors: the element-wise rule's buffers
+    (``dion_lp.algorithms.elementwise.ELEMENTWISE_STATE``) in
     ``scalar_format(momentum_dtype)``.
     """
     total = 0
@@ -159,13 +160,13 @@ def dion_state_bytes(specs: Sequence[ParamSpec], cfg: DionConfig) -> int:
             m, n = s.shape
             r = dion_rank(m, n, cfg.rank_fraction, 1)
             low = cfg.momentum_dtype != "fp32"
-            total += _buffer_bytes(s.numel, cfg.momentum_dtype)
+            total += _buffer_bytes(s.shape, cfg.momentum_dtype)
             total += min(m, n) * r * (2 if low else 4)
             total += 2 * s.numel if cfg.residual and low else 0
         else:
             for unsigned in SCALAR_STATE[cfg.scalar].values():
                 total += _buffer_bytes(
-                    s.numel, scalar_format(cfg.momentum_dtype, unsigned=unsigned)
+                    s.shape, scalar_format(cfg.momentum_dtype, unsigned=unsigned)
                 )
     return total
 

@@ -15,7 +15,7 @@ Two parts:
    d 768, 4x MLP), Llama-2 7B (d 4096, 32 layers, ffn 11008) and Llama-2 70B
    (d 8192, 80 layers, ffn 28672, 8 kv heads of 128), every hidden matrix
    sharded ``Shard(0)`` (FSDP2's default). Dion's figure is
-   :func:`dion_lp.sharded.step_bytes` plus the optimizer's per-step agreement on
+   :func:`dion_lp.dist.accounting.sharded_step_bytes` plus the optimizer's per-step agreement on
    non-finite gradients (2 bytes per parameter tensor, all-reduced). The
    element-wise params (embeddings, head, norms) need no optimizer traffic in
    either method; FSDP's own parameter all-gathers and gradient reduce-scatter
@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dion_lp.comm import collective_bytes
-from dion_lp.sharded import step_bytes
+from dion_lp.dist.accounting import collective_bytes
+from dion_lp.dist.accounting import sharded_step_bytes as step_bytes
 
 from ._spawn import exit_rank
 from ._tables import Column, format_table
@@ -138,7 +138,8 @@ def _rank_main(rank: int, world_size: int, tmp: str, rank_fraction: float) -> No
     from torch.distributed.fsdp import fully_shard
 
     import dion_lp
-    from dion_lp.sharded_state import local, shard_spec
+    from dion_lp.dist.dtensor import local
+    from dion_lp.layouts.placement import placement
 
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(tmp, "store"), world_size)
@@ -164,7 +165,7 @@ def _rank_main(rank: int, world_size: int, tmp: str, rank_fraction: float) -> No
                     undo()
                 opt.zero_grad()
             dion = [p for g in opt.param_groups if g["algorithm"] == "dion" for p in g["params"]]
-            matrices = [(*p.shape, shard_spec(p).shard_dim) for p in dion]
+            matrices = [(*p.shape, placement(p).row_dim) for p in dion]
             n_tensors = sum(len(g["params"]) for g in opt.param_groups)
             results[f"dion {fmt}"] = {
                 "measured": sum(log),

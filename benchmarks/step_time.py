@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import dion_lp
-from dion_lp import state as qstate
+from dion_lp.quant.buffer import QuantizedBuffer
 
 CONFIGS: dict[str, Callable[[list[nn.Parameter], float], torch.optim.Optimizer]] = {
     "adamw (torch)": lambda ps, rf: torch.optim.AdamW(ps, lr=1e-3),
@@ -112,11 +112,11 @@ def breakdown(shape: tuple[int, int], rank_fraction: float, repeats: int) -> lis
             opt.step()
             steps.append(time.perf_counter() - start)
             start = time.perf_counter()
-            M = qstate.read_buffer(st, "momentum")
+            M = QuantizedBuffer(st, "momentum").read()
             reads.append(time.perf_counter() - start)
             start = time.perf_counter()
             if fmt != "fp32":
-                qstate.write_buffer(st, "momentum", M, stochastic=True, generator=sr_gen)
+                QuantizedBuffer(st, "momentum").write(M, stochastic=True, generator=sr_gen)
             writes.append(time.perf_counter() - start)
         step, read, write = (statistics.median(v) for v in (steps, reads, writes))
         rows.append(

@@ -1,18 +1,27 @@
-"""dion_lp: the Dion optimizer with 8-bit state and FP8/BF16 factor exchange."""
+"""dion_lp: the Dion optimizer with 8-bit state and FP8/BF16 factor exchange.
 
-from . import hooks, quant
-from .comm import CollectiveError
-from .dion import Dion, NonFiniteGradientError
+The whole public API is declared here; every other module is internal.
+"""
+
+from . import quant
+from .checkpoint import dcp_state_dict, load_dcp_state_dict, upgrade_state_dict
+from .ddp import hooks
+from .ddp.hooks import register_ddp
+from .dist.collectives import CollectiveError
+from .gradients import NonFiniteGradientError
 from .groups import param_groups
-from .hooks import register_ddp
+from .optimizer import Dion
 
 __all__ = [
     "CollectiveError",
     "Dion",
     "NonFiniteGradientError",
+    "dcp_state_dict",
     "hooks",
+    "load_dcp_state_dict",
     "param_groups",
     "quant",
     "register_ddp",
+    "upgrade_state_dict",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .quant.formats import MOMENTUM_FORMATS, WIRE_FORMATS, check_built
+
 __all__ = [
     "ALGORITHMS",
     "COMM_DTYPES",
@@ -20,8 +22,8 @@ __all__ = [
 ]
 
 ALGORITHMS = ("dion", "adamw", "lion")
-MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3", "dynamic8")
-COMM_DTYPES = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2")
+MOMENTUM_DTYPES = MOMENTUM_FORMATS
+COMM_DTYPES = WIRE_FORMATS
 NONFINITE_MODES = ("raise", "skip")
 
 
@@ -66,6 +68,8 @@ def validate_group(group: dict[str, Any]) -> None:
     _check_choice("algorithm", group["algorithm"], ALGORITHMS)
     _check_choice("momentum_dtype", group["momentum_dtype"], MOMENTUM_DTYPES)
     _check_choice("comm_dtype", group["comm_dtype"], COMM_DTYPES)
+    check_built(group["momentum_dtype"], "momentum_dtype")
+    check_built(group["comm_dtype"], "comm_dtype")
     _check_choice("nonfinite", group["nonfinite"], NONFINITE_MODES)
     if not isinstance(group["stochastic_rounding"], bool):
         raise ValueError(

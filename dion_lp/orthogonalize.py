@@ -1,4 +1,4 @@
-"""Orthonormalization and column normalization, always in fp32.
+"""Orthonormalization (Householder QR; Cholesky QR on row blocks) and column normalization, in fp32.
 
 These are the only places Dion divides by data-dependent numbers, so they are
 written to be safe on the inputs users hit: all-zero gradients, rank-deficient
@@ -7,10 +7,13 @@ factors, and factors that arrive in low precision.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["orthonormalize", "column_normalize", "negligible_columns"]
+__all__ = ["column_normalize", "negligible_columns", "orthonormalize", "orthonormalize_rows_"]
 
 # A column of R whose norm is at most this times n times the largest is rounding
 # noise, not a direction of B: with B of rank k < r, the r - k extra columns of
@@ -35,7 +38,9 @@ def orthonormalize(P: Tensor) -> Tensor:
     return Q
 
 
-def column_normalize(R: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+def column_normalize(
+    R: Tensor, previous: Tensor, norms: Tensor | None = None, n: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Unit-norm columns of ``R``; negligible columns stay zero, the warm start keeps ``previous``.
 
     A column is negligible when :func:`negligible_columns` says so: zero, or
@@ -44,6 +49,9 @@ def column_normalize(R: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
     Args:
         R: shape (n, r), float32.
         previous: the right factor of the last step, shape (n, r).
+        norms: the column norms of the whole R, shape (r,), when ``R`` is only this
+            rank's rows of it (sharded); None: computed from ``R``.
+        n: rows of the whole R (default ``R.shape[0]``).
 
     Returns:
         ``(Q_step, Q_next)``, both (n, r), float32. ``Q_step`` is the factor of this
@@ -51,8 +59,9 @@ def column_normalize(R: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
         moves nothing); ``Q_next`` is the warm start of the next step (the old
         column where ``R``'s column is zero, so the power iteration never dies).
     """
-    norms = torch.linalg.vector_norm(R, dim=0, keepdim=True)
-    nonzero = ~negligible_columns(norms, R.shape[0])
+    if norms is None:
+        norms = torch.linalg.vector_norm(R, dim=0)
+    nonzero = ~negligible_columns(norms, R.shape[0] if n is None else n)
     safe = torch.where(nonzero, norms, torch.ones_like(norms))
     Q_step = torch.where(nonzero, R / safe, torch.zeros_like(R))
     Q_next = torch.where(nonzero, Q_step, previous.to(Q_step.dtype))
@@ -71,3 +80,106 @@ def negligible_columns(norms: Tensor, n: int) -> Tensor:
         All True for an all-zero R.
     """
     return norms <= (NEGLIGIBLE_RTOL * n) * norms.max()
+
+
+# ------------------------------------------------ Cholesky QR on row blocks
+_U = 2.0**-24  # fp32 unit roundoff
+_MAX_DIAG_RATIO = 300.0  # Cholesky factor of P^T P beyond this: kappa(P) too large for CholQR2
+_MAX_PASSES = 5
+
+
+def _cholesky(G: Tensor) -> tuple[Tensor, bool]:
+    """Upper R with R^T R = G, and whether it succeeded with finite entries."""
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    return R, bool(info == 0) and bool(torch.isfinite(R).all())
+
+
+def _shifted_cholesky(G: Tensor, rows: int) -> Tensor:
+    """Cholesky factor of G + s I with a shift above the Gram's rounding error.
+
+    ``s = 10 sqrt(rows r) u ||G||_2``, raised tenfold until the factorization
+    succeeds (an all-zero G gets the smallest normal shift: P stays zero).
+    """
+    r = G.shape[0]
+    eye = torch.eye(r, dtype=G.dtype, device=G.device)
+    norm = float(torch.linalg.matrix_norm(G, ord=2)) if r else 0.0
+    shift = max(10.0 * math.sqrt(rows * r) * _U * norm, torch.finfo(torch.float32).tiny)
+    for _ in range(8):
+        R, ok = _cholesky(G + shift * eye)
+        if ok:
+            return R
+        shift *= 10.0
+    return math.sqrt(shift) * eye
+
+
+def _gram_sums(blocks: list[Tensor], sum_: Callable[[list[Tensor]], None]) -> list[Tensor]:
+    """``sum over the ranks of P^T P`` of each block: one call of ``sum_`` on upper triangles."""
+    uppers, index = [], []
+    for P in blocks:
+        r = P.shape[1]
+        rows, cols = torch.triu_indices(r, r, device=P.device)
+        index.append((rows, cols))
+        uppers.append((P.T @ P)[rows, cols])
+    sum_(uppers)
+    grams = []
+    for P, (rows, cols), upper in zip(blocks, index, uppers, strict=True):
+        G = torch.zeros(P.shape[1], P.shape[1], dtype=torch.float32, device=P.device)
+        G[rows, cols] = upper
+        G[cols, rows] = upper
+        grams.append(G)
+    return grams
+
+
+def orthonormalize_rows_(
+    blocks: list[Tensor], rows: Sequence[int], sum_: Callable[[list[Tensor]], None]
+) -> list[Tensor]:
+    """Orthonormalize row-sharded matrices without gathering them (iterated Cholesky QR).
+
+    Each pass sums the r x r Gram matrices ``G = P^T P`` (upper triangles) of all the still
+    active matrices over the ranks holding their rows (one call of ``sum_``: an fp32
+    collective, or nothing on one rank), factors ``G = R^T R``, sets
+    ``P <- P R^{-1}`` on every rank's rows. A pass whose Gram matrix is within 0.5
+    of the identity (Frobenius) takes P to orthonormal columns up to fp32
+    rounding, so a matrix is done after such a pass: two passes (CholeskyQR2) for
+    a well-conditioned P. An ill-conditioned first pass (Cholesky failed, or its
+    diagonal spans more than :data:`_MAX_DIAG_RATIO`) and any failed later one use
+    a shifted Cholesky factor (shifted CholeskyQR3, Fukaya et al. 2020), and the
+    passes go on (at most five): directions that P lacks (rank deficiency) come
+    out as an orthonormal completion set by rounding noise, as with Householder
+    QR (ColumnNormalize then finds their columns of R negligible and drops them
+    from the update). An all-zero P stays zero. The Gram sums are bitwise identical on every
+    rank, so every rank takes the same branches.
+
+    Args:
+        blocks: this rank's rows of each P (``(k_i, r_i)`` fp32); their union over
+            the ranks is the full ``(rows_i, r_i)`` matrix. Replaced in the list.
+        rows: the full row count of each matrix.
+        sum_: sums a list of fp32 tensors over the ranks holding the other rows, in place.
+
+    Returns:
+        ``blocks``, now this rank's rows of matrices with orthonormal columns spanning
+        the same space (Cholesky QR's R has a positive diagonal: P equals Householder
+        QR's up to the signs of its columns).
+    """
+    n = len(blocks)
+    done = [False] * n
+    for rnd in range(_MAX_PASSES):
+        active = [i for i in range(n) if not done[i]]
+        if not active:
+            break
+        grams = _gram_sums([blocks[i] for i in active], sum_)
+        for i, G in zip(active, grams, strict=True):
+            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            if rnd > 0 and float(torch.linalg.norm(G - eye)) <= 0.5:
+                done[i] = True  # this pass leaves P orthonormal up to rounding
+            elif not bool(G.diagonal().sum() > 0):
+                done[i] = True  # all-zero P
+                continue
+            R, ok = _cholesky(G)
+            if ok and rnd == 0:
+                diag = R.diagonal()
+                ok = bool(diag.max() <= _MAX_DIAG_RATIO * diag.min())
+            if not ok:
+                R = _shifted_cholesky(G, rows[i])
+            blocks[i] = torch.linalg.solve_triangular(R, blocks[i], upper=True, left=False)
+    return blocks

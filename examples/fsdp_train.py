@@ -84,8 +84,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import dion_lp
-from dion_lp.comm import collective_bytes
-from dion_lp.sharded_state import dcp_state_dict, load_dcp_state_dict
+from dion_lp import dcp_state_dict, load_dcp_state_dict
+from dion_lp.dist.accounting import collective_bytes
 
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:  # benchmarks/ (model and data) sits next to examples/

@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,7 +193,8 @@ def test_help_works_and_import_has_no_side_effects(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=tmp_path,  # nothing may be written there; benchmarks/ runs from the repo root
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert out.returncode == 0 and "--world-size" in out.stdout
     assert not any(tmp_path.iterdir())

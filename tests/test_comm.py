@@ -21,8 +21,10 @@ from _dist import CaseError, run_cases, spawn_fixture
 from torch import Tensor
 from torch.nn.functional import max_pool1d
 
-from dion_lp import comm
-from dion_lp.comm import COMM_FORMATS, CommStats, mean_bytes, quantized_mean_
+from dion_lp.dist import accounting as comm
+from dion_lp.dist.accounting import CommStats, mean_bytes
+from dion_lp.dist.collectives import quantized_mean_
+from dion_lp.quant.formats import WIRE_FORMATS as COMM_FORMATS
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3, 4))
 

@@ -17,7 +17,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
 from dion_lp import hooks
-from dion_lp.comm import collective_bytes, quantized_mean_
+from dion_lp.dist.accounting import collective_bytes
+from dion_lp.dist.collectives import quantized_mean_
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from benchmarks import ddp_bytes
-from dion_lp.comm import collective_bytes, mean_bytes
+from dion_lp.dist.accounting import collective_bytes, mean_bytes
 
 N = 8
 V, D, T, L = 50257, 768, 1024, 12

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import dion_lp
-from dion_lp.dion import initial_right_factor
+from dion_lp.algorithms.dion import initial_right_factor
 from dion_lp.options import dion_rank
 from dion_lp.reference import dion_reference_step
 
@@ -230,7 +230,7 @@ def test_nonfinite_gradient(mode):
 def test_huge_finite_gradients_stay_finite_and_larger_ones_are_refused(fmt):
     """Up to GRAD_LIMIT (1e18) every format scales without overflow; beyond it, where
     AdamW's g^2 would overflow fp32 (1.8e19), the gradient counts as non-finite."""
-    from dion_lp.dion import GRAD_LIMIT
+    from dion_lp.gradients import GRAD_LIMIT
 
     gen = torch.Generator().manual_seed(8)
     X = nn.Parameter(torch.randn(96, 64, generator=gen))

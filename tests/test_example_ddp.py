@@ -38,7 +38,7 @@ from _jobs import descendants, kill_job
 
 import dion_lp
 from benchmarks.model import GPT, GPTConfig
-from dion_lp.comm import collective_bytes, mean_bytes
+from dion_lp.dist.accounting import collective_bytes, mean_bytes
 from dion_lp.options import dion_rank
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"

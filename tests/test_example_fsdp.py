@@ -20,7 +20,7 @@ Asserted:
 - bytes: every logged ``bytes/step`` is > 0 on 2 ranks (0 on 1 rank, where nothing
   is sent), the logged steps sum to ``comm_stats()["bytes_sent"]`` as printed at
   the end (also across a restart: the counters are checkpointed), and each step's
-  bytes equal dion_lp's own accounting (``dion_lp.sharded.step_bytes`` plus the
+  bytes equal dion_lp's own accounting (``dion_lp.dist.accounting.sharded_step_bytes`` plus the
   non-finite-gradient agreement) plus one r x r Gram all-reduce for each P that
   needed a third Cholesky QR pass (an ill-conditioned P: always some in the first
   steps, where the momentum is nearly rank one, and now and then later).
@@ -54,9 +54,9 @@ from _jobs import descendants, kill_job
 
 import dion_lp
 from benchmarks.model import GPT, GPTConfig
-from dion_lp.comm import collective_bytes, mean_bytes
+from dion_lp.dist.accounting import collective_bytes, mean_bytes
+from dion_lp.dist.accounting import sharded_step_bytes as step_bytes
 from dion_lp.options import dion_rank
-from dion_lp.sharded import step_bytes
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fsdp_train.py"
 STEPS = 10

@@ -57,19 +57,27 @@ def test_finetune_dataset_is_split_by_file_and_deterministic(example: ModuleType
     assert counts == [5] * NUM_CLASSES
 
 
-def _blockwise(numel: int) -> int:
-    """dion_lp's int8 buffer: 1-byte codes and an fp32 scale per 256; fp32 below 4096 elements."""
-    return numel + 4 * math.ceil(numel / 256) if numel >= 4096 else 4 * numel
+def _blockwise(shape: tuple[int, ...]) -> int:
+    """dion_lp's int8 buffer: blocks along rows (elements after dim 0), cut into
+    ceil(row / 256) equal blocks (padded), 1-byte codes and an fp32 scale per block;
+    fp32 below 4096 elements or for rows shorter than 32 (so every 1-D tensor)."""
+    rows = shape[0]
+    row = math.prod(shape) // rows
+    if rows * row < 4096 or row < 32:
+        return 4 * rows * row
+    nb = math.ceil(row / 256)
+    return rows * nb * (math.ceil(row / nb) + 4)
 
 
-def _minilm_shapes(config: dict) -> tuple[list[tuple[int, int]], list[int]]:
-    """(Dion matrices, sizes of every other tensor) of the encoder (no pooler) + the head."""
+def _minilm_shapes(config: dict) -> tuple[list[tuple[int, int]], list[tuple[int, ...]]]:
+    """(Dion matrices, shapes of every other tensor) of the encoder (no pooler) + the head."""
     d, ff, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     dion = [(d, d)] * 4 * layers + [(ff, d), (d, ff)] * layers
-    other = [config["vocab_size"] * d, config["max_position_embeddings"] * d]
-    other += [config["type_vocab_size"] * d, d, d]  # token types, embedding LayerNorm
-    other += [d] * 4 * layers + [d, d] * layers + [ff, d] * layers + [d, d] * layers  # biases, LN
-    other += [NUM_CLASSES * d, NUM_CLASSES]  # the head
+    other = [(config["vocab_size"], d), (config["max_position_embeddings"], d)]
+    other += [(config["type_vocab_size"], d), (d,), (d,)]  # token types, embedding LayerNorm
+    other += [(d,)] * 4 * layers + [(d,), (d,)] * layers  # q, k, v, o biases; attention LN
+    other += [(ff,), (d,)] * layers + [(d,), (d,)] * layers  # MLP biases, output LN
+    other += [(NUM_CLASSES, d), (NUM_CLASSES,)]  # the head
     return dion, other
 
 
@@ -91,13 +99,13 @@ def test_finetune_memory_budget_tiny(example: ModuleType, tmp_path: Path) -> Non
 
     config = json.loads((Path(minilm.get_model_path()) / "config.json").read_text())
     dion_shapes, other = _minilm_shapes(config)
-    params = sum(m * n for m, n in dion_shapes) + sum(other)
+    params = sum(m * n for m, n in dion_shapes) + sum(math.prod(s) for s in other)
     tensors = len(dion_shapes) + len(other)
     adamw_bytes = 8 * params + 4 * tensors  # exp_avg, exp_avg_sq, a float32 step each
     dion_bytes = sum(
-        _blockwise(m * n) + 2 * min(m, n) * math.ceil(RANK_FRACTION * min(m, n))  # + bf16 Q
+        _blockwise((m, n)) + 2 * min(m, n) * math.ceil(RANK_FRACTION * min(m, n))  # + bf16 Q
         for m, n in dion_shapes
-    ) + sum(_blockwise(n) for n in other)  # Lion: one int8 momentum
+    ) + sum(_blockwise(s) for s in other)  # Lion: one int8 momentum
 
     for name, row in rows.items():
         assert row["status"] == "ok"

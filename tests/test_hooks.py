@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
 import dion_lp
 from dion_lp import hooks
-from dion_lp.comm import collective_bytes, mean_bytes
+from dion_lp.dist.accounting import collective_bytes, mean_bytes
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
 
@@ -120,7 +120,7 @@ def case_equivalence(rank, world_size):
     out = {}
     for variant in VARIANTS:
         model, opt, _, state = _train_dion(rank, variant, STEPS)
-        assert opt._world_size == world_size
+        assert opt.world_size == world_size
         out[variant] = (_params(model), state.comm_stats())
     return out
 
@@ -228,8 +228,8 @@ def case_pickle(rank, world_size):
     clone = pickle.loads(pickle.dumps(state))
     out = {"pg": clone.process_group, "optimizer": clone.optimizer}
     out["residuals"] = all(
-        torch.equal(clone._residuals[k], r) for k, r in state._residuals.items()
-    ) and set(clone._residuals) == set(state._residuals)
+        torch.equal(clone.residuals[k], r) for k, r in state.residuals.items()
+    ) and set(clone.residuals) == set(state.residuals)
     try:
         clone.owned()
     except ValueError as err:
@@ -406,14 +406,14 @@ def test_hook_names_avoid_the_ones_torch_special_cases():
 def test_state_dict_is_weights_only_loadable_and_checked():
     state = hooks.CompressState(comm_dtype="bf16")
     state.bind(nn.Linear(3, 2))
-    state._residuals["weight"] = torch.randn(2, 3)
+    state.residuals["weight"] = torch.randn(2, 3)
     buf = io.BytesIO()
     torch.save(state.state_dict(), buf)
     sd = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     other = hooks.CompressState(comm_dtype="bf16")
     other.bind(nn.Linear(3, 2))
     other.load_state_dict(sd)
-    assert torch.equal(other._residuals["weight"], state._residuals["weight"])
+    assert torch.equal(other.residuals["weight"], state.residuals["weight"])
     with pytest.raises(ValueError, match="comm_dtype='bf16'"):
         hooks.CompressState(comm_dtype="fp8_e4m3").load_state_dict(sd)
     with pytest.raises(ValueError, match="kind='CompressState'"):

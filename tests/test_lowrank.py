@@ -1,4 +1,4 @@
-"""dion_lp.lowrank and the hooks' ``lowrank_rank``: rank-r PowerSGD means with error feedback.
+"""dion_lp.ddp.lowrank and the hooks' ``lowrank_rank``: rank-r PowerSGD means with error feedback.
 
 Independent expectations: the parent regenerates every rank's matrices and runs
 the same maths in fp64 from its definition (P^ spans mean(M) Q; the applied mean
@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dion_lp
 from dion_lp import hooks
-from dion_lp.comm import CommStats, collective_bytes, mean_bytes
-from dion_lp.lowrank import compressed_shape, initial_q, lowrank_mean_
+from dion_lp.ddp.lowrank import compressed_shape, initial_q, lowrank_mean_
+from dion_lp.dist.accounting import CommStats, collective_bytes, mean_bytes
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
 
@@ -309,7 +309,7 @@ def test_lowrank_state_pickles_without_the_process_group():
     model = EmbedNet()
     opt = dion_lp.Dion(dion_lp.param_groups(model), lr=0.01)
     state = hooks.DionHookState(opt, lowrank_rank=2)
-    state._lowrank_q["0"] = initial_q("0", 16, 2)
+    state.lowrank_q["0"] = initial_q("0", 16, 2)
     back = pickle.loads(pickle.dumps(state))
     assert back.lowrank_rank == 2 and back.process_group is None
-    assert torch.equal(back.state_dict()["lowrank_q"]["0"], state._lowrank_q["0"])
+    assert torch.equal(back.state_dict()["lowrank_q"]["0"], state.lowrank_q["0"])

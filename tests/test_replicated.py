@@ -15,7 +15,7 @@ from _dist import spawn_fixture
 from torch import nn
 
 import dion_lp
-from dion_lp.comm import mean_bytes
+from dion_lp.dist.accounting import mean_bytes
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 3))
 
@@ -103,7 +103,7 @@ def case_zero_gradient_on_one_rank(rank, world_size):
 
 def case_huge_gradients(rank, world_size):
     """Gradients near GRAD_LIMIT: fp8/bf16 block scales absorb them, nothing overflows."""
-    from dion_lp.dion import GRAD_LIMIT
+    from dion_lp.gradients import GRAD_LIMIT
 
     out = {}
     for comm_dtype in ("bf16", "fp8_e4m3", "fp8_e5m2"):
@@ -130,20 +130,22 @@ def case_group_without_this_rank(rank, world_size):
 
 def case_error_feedback(rank, world_size):
     """Record P R^T as received, then check sum G = M_T - M_0 + (1 - mu) sum P R^T per rank."""
+    from dion_lp.algorithms import dion as engine
+
     received = {}
-    original = dion_lp.Dion._finish_matrix
+    original = engine._finish
 
-    def recording(self, mat):
-        PRt = mat.P @ mat.R.T
+    def recording(mat, seed):
+        PRt = mat.P @ mat.R.T  # tall orientation: back to the parameter's
         key = id(mat.param)
-        received[key] = received.get(key, 0) + (PRt.T if mat.transpose else PRt)
-        return original(self, mat)
+        received[key] = received.get(key, 0) + (PRt if mat.rows_long else PRt.T)
+        return original(mat, seed)
 
-    dion_lp.Dion._finish_matrix = recording
+    engine._finish = recording
     try:
         params, opt = _run(world_size, rank, comm_dtype="fp8_e4m3")
     finally:
-        dion_lp.Dion._finish_matrix = original
+        engine._finish = original
     out = []
     for i, p in enumerate(params[:3]):
         grad_sum = sum(_grads(rank, s)[i] for s in range(STEPS))

@@ -25,14 +25,12 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 import dion_lp
-from dion_lp.comm import collective_bytes
-from dion_lp.sharded import (
-    dcp_state_dict,
-    load_dcp_state_dict,
-    orthonormalize_rows_,
-    step_bytes,
-)
-from dion_lp.sharded_state import shard_spec
+from dion_lp import dcp_state_dict, load_dcp_state_dict
+from dion_lp.dist.accounting import collective_bytes
+from dion_lp.dist.accounting import sharded_step_bytes as step_bytes
+from dion_lp.dist.collectives import sum_
+from dion_lp.layouts.placement import placement as shard_spec
+from dion_lp.orthogonalize import orthonormalize_rows_
 
 dist_results = spawn_fixture(__name__, world_sizes=(2, 4), timeout=150.0)
 
@@ -121,7 +119,7 @@ def case_fp32(rank, world):
         if name in MATRICES:
             spec = shard_spec(p)
             m, n = spec.global_shape
-            kinds[name] = (spec.shard_dim, (spec.shard_dim == 0) == (m >= n))
+            kinds[name] = (spec.row_dim, (spec.row_dim == 0) == (m >= n))
     return _full(model), kinds, opt.state_bytes()
 
 
@@ -130,9 +128,9 @@ def case_low_precision(rank, world):
     for comm_dtype, momentum_dtype in (("fp8_e4m3", "int8"), ("fp8_e5m2", "fp8_e4m3")):
         model, opt = _sharded(rank, world, comm_dtype=comm_dtype, momentum_dtype=momentum_dtype)
         _train(model, opt, STEPS, rank, world)
-        fmts = [opt.state[model.w1.weight]["momentum_sharded"]["fmt"]]
+        fmts = [opt.state[model.w1.weight]["momentum_format"]["fmt"]]
         fmts += [
-            opt.state[model.head.weight][f"{k}_sharded"]["fmt"] for k in ("exp_avg", "exp_avg_sq")
+            opt.state[model.head.weight][f"{k}_format"]["fmt"] for k in ("exp_avg", "exp_avg_sq")
         ]
         out[momentum_dtype] = _full(model), fmts, opt.state_bytes()
     return out
@@ -185,7 +183,7 @@ def case_dcp_same_mesh(rank, world):
         dist.barrier()
         if rank == 0:
             shutil.rmtree(path)
-        fmt = opt2.state[model2.w1.weight]["momentum_sharded"]["fmt"]
+        fmt = opt2.state[model2.w1.weight]["momentum_format"]["fmt"]
         out[momentum_dtype] = _full(model), _full(model2), fmt
     return out
 
@@ -248,7 +246,7 @@ def case_hsdp(rank, world):
             momentum_dtype=momentum_dtype,
         )
         _train(model, opt, STEPS, rank, world)
-        fmt = opt.state[model.w1.weight]["momentum_sharded"]["fmt"]
+        fmt = opt.state[model.w1.weight]["momentum_format"]["fmt"]
         out[comm_dtype] = _full(model), fmt, opt.comm_stats()["bytes_sent"]
     # native FSDP2 HSDP: FSDP all-reduces the gradients, Dion adds no replica exchange
     model = Net()
@@ -287,7 +285,7 @@ def case_orthonormalize_rows(rank, world):
     }
     group = dist.group.WORLD
     blocks = [P.chunk(world)[rank] if rank < len(P.chunk(world)) else P[:0] for P in cases.values()]
-    out = orthonormalize_rows_(blocks, [90] * len(cases), group, None)
+    out = orthonormalize_rows_(blocks, [90] * len(cases), lambda ts: sum_(ts, "fp32", group, None))
     gathered = []
     for block in out:
         parts = [None] * world
@@ -335,12 +333,14 @@ def test_fp32_equals_single_process(dist_results, reference):
 @pytest.mark.parametrize("momentum_dtype", ["int8", "fp8_e4m3"])
 def test_fp8_factors_8bit_momentum_stay_close(dist_results, reference, momentum_dtype):
     # 3 steps of lr 0.02 move entries by ~0.05; fp8 factors (e4m3 with int8 momentum,
-    # e5m2 with fp8_e4m3 momentum) may move them by a few percent of that (measured max:
-    # 3.3e-3 and 1.9e-3, both in the AdamW head)
+    # e5m2 with fp8_e4m3 momentum) may move them by a few percent of that. Measured max,
+    # both in the AdamW head: 4.3e-3 (int8) with stochastic rounding, which the sharded
+    # element-wise states honour since 0.2 (0.1.0 rounded them to nearest: 3.3e-3; the
+    # same run with stochastic_rounding=False still stays under 4e-3).
     for out in dist_results["case_low_precision"]:
         full, fmts, _ = out[momentum_dtype]
         assert fmts[0] == momentum_dtype  # Dion momentum; then AdamW's two moments
-        _assert_close(full, reference, 4e-3)
+        _assert_close(full, reference, 5e-3)
     fp32_bytes = dist_results["case_fp32"][0][2]
     assert dist_results["case_low_precision"][0][momentum_dtype][2] < 0.7 * fp32_bytes
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from benchmarks.sharded_bytes import account, baseline_bytes, dion_bytes
-from dion_lp.comm import mean_bytes
+from dion_lp.dist.accounting import mean_bytes
 
 
 def test_help_works(tmp_path):
@@ -15,7 +17,8 @@ def test_help_works(tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=tmp_path,  # nothing may be written there; benchmarks/ runs from the repo root
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert out.returncode == 0 and "--world-sizes" in out.stdout
     assert not any(tmp_path.iterdir())

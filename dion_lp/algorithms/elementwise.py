@@ -13,20 +13,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import state as qstate
+from ..dist.dtensor import local
+from ..layouts.placement import Placement
+from ..quant.buffer import QuantizedBuffer
+from ..quant.formats import unsigned_variant
+from ..quant.rng import rounding_generator
 
 __all__ = [
+    "ELEMENTWISE_STATE",
     "adamw_update_",
     "apply_rule_",
+    "elementwise_step_",
+    "init_elementwise_state",
     "lion_update_",
-    "scalar_step_",
-    "scalar_format",
-    "SCALAR_STATE",
+    "state_format",
 ]
 
 # The state buffers each rule keeps, by name, and whether the buffer is
 # non-negative (stored in an unsigned format when the state is quantized).
-SCALAR_STATE: dict[str, dict[str, bool]] = {
+ELEMENTWISE_STATE: dict[str, dict[str, bool]] = {
     "adamw": {"exp_avg": False, "exp_avg_sq": True},
     "lion": {"exp_avg": False},
 }
@@ -94,21 +99,15 @@ def _apply_(X: Tensor, update: Tensor, *, lr: float, weight_decay: float) -> Non
         X.copy_(X.float().mul_(1 - lr * weight_decay).add_(update, alpha=-lr))
 
 
-def scalar_format(momentum_dtype: str, *, unsigned: bool) -> str:
-    """State format of an element-wise buffer: non-negative ones use the unsigned codebook.
-
-    AdamW's second moment spans many decades of small positive values; a signed
-    absmax code would waste its sign bit and flush the small ones to zero.
-    """
-    if unsigned and momentum_dtype in ("int8", "fp8_e4m3", "dynamic8"):
-        return "udynamic8"
-    return momentum_dtype
+def state_format(momentum_dtype: str, *, unsigned: bool) -> str:
+    """State format of an element-wise buffer: non-negative ones use the unsigned variant."""
+    return unsigned_variant(momentum_dtype) if unsigned else momentum_dtype
 
 
 def apply_rule_(
     X: Tensor, grad: Tensor, bufs: dict[str, Tensor], group: dict[str, Any], step: int
 ) -> None:
-    """The group's element-wise rule on fp32 buffers ``bufs`` (named as in SCALAR_STATE).
+    """The group's element-wise rule on fp32 buffers ``bufs`` (named as in ELEMENTWISE_STATE).
 
     Args:
         X: parameter (or its local shard), updated in place in its own dtype.
@@ -127,38 +126,63 @@ def apply_rule_(
         lion_update_(X, grad, bufs["exp_avg"], **common)
 
 
-def scalar_step_(
+def init_elementwise_state(
+    p: Tensor, group: dict[str, Any], st: dict[str, Any], place: Placement
+) -> None:
+    """Create the zero state buffers of the group's rule for ``p``, in rows like ``place``."""
+    for name, unsigned in ELEMENTWISE_STATE[group["algorithm"]].items():
+        QuantizedBuffer.create(
+            st,
+            name,
+            rows=place.rows,
+            row_numel=place.row_numel,
+            local_rows=place.length,
+            fmt=state_format(group["momentum_dtype"], unsigned=unsigned),
+            block_size=group["block_size"],
+            device=local(p).device,
+            wrap=place.wrap,
+        )
+    st["step"] = 0
+
+
+def elementwise_step_(
     p: Tensor,
     grad: Tensor,
     group: dict[str, Any],
     st: dict[str, Any],
-    generator: torch.Generator,
+    *,
+    place: Placement,
+    seed: int,
+    index: int,
 ) -> None:
-    """One AdamW or Lion step of ``p`` (any shape) with its state ``st``, in place.
+    """One AdamW or Lion step of ``p`` (any shape, plain or DTensor) with its state, in place.
 
-    The state is read out to fp32, updated, and written back once in the
-    group's ``momentum_dtype`` (stochastically rounded with ``generator`` when
-    the group asks for it).
+    The state is read out to fp32, updated, and written back once in the group's
+    ``momentum_dtype`` (stochastically rounded when the group asks for it, with the
+    random bits of :mod:`dion_lp.quant.rng`).
 
     Args:
-        p: parameter; updated in its own dtype.
-        grad: fp32 gradient, p's shape.
+        p: parameter; this rank's part is updated in its own dtype.
+        grad: fp32 gradient of this rank's part, shaped like it.
         group: the param group (algorithm, lr, betas, eps, weight_decay, formats).
         st: the parameter's state dict; initialised on first use.
-        generator: stochastic-rounding generator on p's device.
+        place: where ``p``'s rows live.
+        seed, index: the optimizer's seed and ``p``'s position (stochastic rounding).
     """
-    algorithm = group["algorithm"]
-    names = SCALAR_STATE[algorithm]
     if not st:
-        for name, unsigned in names.items():
-            fmt = scalar_format(group["momentum_dtype"], unsigned=unsigned)
-            qstate.init_buffer(st, name, p, fmt, block_size=group["block_size"])
-        st["step"] = 0
+        init_elementwise_state(p, group, st, place)
+    X = local(p)
+    step = st["step"]
     st["step"] += 1
-    bufs = {name: qstate.read_buffer(st, name) for name in names}
-    apply_rule_(p, grad, bufs, group, st["step"])
-    for name, buf in bufs.items():
-        if st[f"{name}_format"]["fmt"] != "fp32":
-            qstate.write_buffer(
-                st, name, buf, stochastic=group["stochastic_rounding"], generator=generator
-            )
+    buffers = {name: QuantizedBuffer(st, name) for name in ELEMENTWISE_STATE[group["algorithm"]]}
+    # fp32 buffers are the state tensors themselves (views): updated in place
+    bufs = {name: place.from_rows(buf.read(), X.shape) for name, buf in buffers.items()}
+    apply_rule_(X, grad, bufs, group, st["step"])
+    for name, buf in buffers.items():
+        if buf.fmt == "fp32":
+            continue
+        gen = None
+        if group["stochastic_rounding"]:
+            gen = rounding_generator(seed, index, step, name, place.shard_rank, X.device)
+        rows = place.to_rows(bufs[name])
+        buf.write(rows, stochastic=group["stochastic_rounding"], generator=gen)

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from .codebook import CodebookIndex, codebook_index, dynamic_map
+from .formats import FORMATS, REGISTRY, SCALE_NBYTES, SCALED_FORMATS
 
 __all__ = [
     "FORMATS",
@@ -76,19 +77,6 @@ __all__ = [
     "scale_count",
 ]
 
-FORMATS = ("fp32", "bf16", "int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
-SCALED_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
-
-_CODE_DTYPES = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "int8": torch.int8,
-    "fp8_e4m3": torch.float8_e4m3fn,
-    "fp8_e5m2": torch.float8_e5m2,
-    "dynamic8": torch.uint8,
-    "udynamic8": torch.uint8,
-}
-_SCALE_NBYTES = 4  # float32 scales
 _INT8_MAX = 127.0
 _INT8_FRACTION_BITS = 23  # stochastic int8: fixed point, 127 * 2**23 < 2**31
 _BF16_MAX = torch.finfo(torch.bfloat16).max
@@ -128,12 +116,12 @@ def check_block_size(block_size: int) -> int:
 # --------------------------------------------------------------------- sizes
 def code_dtype(fmt: str) -> torch.dtype:
     """The dtype in which ``fmt`` stores its codes (e.g. ``torch.float8_e4m3fn``)."""
-    return _CODE_DTYPES[check_format(fmt)]
+    return REGISTRY[check_format(fmt)].code_dtype
 
 
 def bytes_per_element(fmt: str) -> int:
     """Bytes of one code of ``fmt`` (4, 2 or 1), scales not included."""
-    return _CODE_DTYPES[check_format(fmt)].itemsize
+    return REGISTRY[check_format(fmt)].bytes_per_element
 
 
 def scale_count(numel: int, block_size: int, fmt: str) -> int:
@@ -159,7 +147,7 @@ def encoded_nbytes(numel: int, fmt: str, block_size: int) -> int:
         block_size: elements per scale.
     """
     codes = numel * bytes_per_element(fmt)
-    return codes + _SCALE_NBYTES * scale_count(numel, block_size, fmt)
+    return codes + SCALE_NBYTES * scale_count(numel, block_size, fmt)
 
 
 # ------------------------------------------------------------ public surface
@@ -217,7 +205,7 @@ def quantize(
     check_format(fmt)
     check_block_size(block_size)
     flat = x.detach().reshape(-1)
-    codes = torch.empty(flat.numel(), dtype=_CODE_DTYPES[fmt], device=x.device)
+    codes = torch.empty(flat.numel(), dtype=REGISTRY[fmt].code_dtype, device=x.device)
     count = scale_count(flat.numel(), block_size, fmt)
     scales = (
         torch.empty(count, dtype=torch.float32, device=x.device) if fmt in SCALED_FORMATS else None
@@ -236,7 +224,7 @@ def dequantize(q: QuantizedTensor) -> Tensor:
 # --------------------------------------------------------------- low level
 def _as_codes(codes: Tensor, fmt: str) -> Tensor:
     """``codes`` viewed in the code dtype of ``fmt`` (e.g. a uint8 wire buffer of fp8 codes)."""
-    want = _CODE_DTYPES[fmt]
+    want = REGISTRY[fmt].code_dtype
     return codes if codes.dtype == want else codes.view(want)
 
 

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .comm import DEFAULT_BLOCK_SIZE, CommStats, quantized_mean_
-from .orthogonalize import orthonormalize
+from ..dist.accounting import DEFAULT_BLOCK_SIZE, CommStats
+from ..dist.collectives import quantized_mean_
+from ..orthogonalize import orthonormalize
 
 __all__ = ["compressed_shape", "initial_q", "lowrank_mean_"]
 
@@ -89,7 +90,7 @@ def lowrank_mean_(
         residuals: float32, shaped like ``grads``; read and rewritten (error feedback).
         qs: float32 (m, r) right factors, read as the warm start and overwritten
             with this step's mean Q (bitwise equal on every rank).
-        fmt: wire format of the factors, one of ``dion_lp.comm.COMM_FORMATS``.
+        fmt: wire format of the factors, one of ``dion_lp.quant.formats.WIRE_FORMATS``.
         group: process group (None: the default group).
         stats: adds the bytes of both means.
         block_size: elements per scale of the fp8 formats.

@@ -1,0 +1,360 @@
+"""The Dion optimizer class: param groups, dispatch to the algorithms, state_dict.
+
+Dion (Ahn, Xu et al., arXiv 2504.05295, Algorithm 1) updates each 2-D weight
+with an orthonormalized rank-r factorisation of its momentum
+(:mod:`dion_lp.algorithms.dion`); every other parameter uses an element-wise
+rule, AdamW or Lion (:mod:`dion_lp.algorithms.elementwise`), in the same
+optimizer. The step runs over a layout: whole matrices, optionally averaged
+over replicas (:mod:`dion_lp.layouts.local`), or FSDP2 shards
+(:mod:`dion_lp.layouts.sharded`). This class only sorts parameters into those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import checkpoint
+from .algorithms.dion import DionMatrix, dion_step_, init_dion_state
+from .algorithms.elementwise import elementwise_step_
+from .dist.accounting import CommStats
+from .dist.collectives import check_member, quantized_mean_
+from .dist.dtensor import is_sharded, local
+from .gradients import finite_gradients, param_name
+from .layouts.local import LocalLayout
+from .layouts.placement import placement
+from .layouts.sharded import ShardedLayout, check_replicas
+from .options import validate_group
+from .quant.buffer import QuantizedBuffer
+
+__all__ = ["Dion"]
+
+
+class Dion(torch.optim.Optimizer):
+    """Dion with low-precision state, for 2-D weights; AdamW or Lion for the rest.
+
+    Args:
+        params: tensors, named tensors, or param-group dicts. A group's
+            ``"algorithm"`` is ``"dion"`` (2-D matrices), ``"adamw"`` or ``"lion"``;
+            any keyword below can be overridden per group. Use
+            :func:`dion_lp.param_groups` to split a model the usual way.
+        lr: learning rate (Dion's update has RMS ~ lr, like Muon's).
+        mu: Dion momentum coefficient in [0, 1).
+        weight_decay: decoupled: ``X <- X (1 - lr wd)``.
+        betas, eps: of the element-wise rules (Lion uses betas, not eps).
+        rank_fraction: r = ceil(rank_fraction * min(m, n)), in (0, 1].
+        rank_multiple_of: r is rounded up to a multiple of this (>= 1), capped at min(m, n).
+        momentum_dtype: storage of the momentum and of the element-wise states:
+            "fp32", "bf16", "int8", "fp8_e4m3", "dynamic8".
+        comm_dtype: wire format of the factor exchange: "fp32", "bf16",
+            "fp8_e4m3", "fp8_e5m2".
+        stochastic_rounding: round low-precision state stochastically (unbiased).
+        momentum_residual: keep what rounding the momentum dropped in a bf16
+            buffer and add it back next step (an ablation of SR alone).
+        block_size: quantization block of the 8-bit states (elements per scale
+            along a row).
+        process_group: replicas to average factors over. None: the default
+            group when torch.distributed is initialised with more than one
+            rank (ranks never drift apart silently), else not replicated.
+        grad_sync: also average the gradients of the element-wise params (in
+            fp32, or bf16 when comm_dtype is 8/16-bit). Leave False under DDP,
+            which averages them already.
+        seed: seeds the right factors Q (identical on every rank) and the
+            stochastic rounding.
+        nonfinite: ``"raise"`` (default) raises :class:`NonFiniteGradientError`
+            naming the parameter; ``"skip"`` leaves that parameter and its state
+            untouched this step.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 0.01,
+        mu: float = 0.95,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        rank_fraction: float = 1.0,
+        rank_multiple_of: int = 1,
+        momentum_dtype: str = "fp32",
+        comm_dtype: str = "fp32",
+        stochastic_rounding: bool = True,
+        momentum_residual: bool = False,
+        block_size: int = 256,
+        process_group: Any = None,
+        grad_sync: bool = False,
+        seed: int = 0,
+        algorithm: str = "dion",
+        nonfinite: str = "raise",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            mu=mu,
+            weight_decay=weight_decay,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            rank_fraction=rank_fraction,
+            rank_multiple_of=rank_multiple_of,
+            momentum_dtype=momentum_dtype,
+            comm_dtype=comm_dtype,
+            stochastic_rounding=stochastic_rounding,
+            momentum_residual=momentum_residual,
+            block_size=block_size,
+            algorithm=algorithm,
+            nonfinite=nonfinite,
+        )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**63)")
+        if not isinstance(grad_sync, bool):
+            raise ValueError(f"Invalid grad_sync: {grad_sync!r}; expected a bool")
+        self._seed = seed
+        self._next_index = 0
+        self._param_index: dict[int, int] = {}
+        self._group, self._world_size = _resolve_process_group(process_group)
+        self._replicas = None if process_group is None else self._group  # sharded: HSDP replicas
+        self._grad_sync = grad_sync
+        self._stats = CommStats()
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def process_group(self) -> Any:
+        """The replicas' process group (None when not replicated)."""
+        return self._group
+
+    @property
+    def world_size(self) -> int:
+        """Number of replicas that average Dion's factors (1: not replicated)."""
+        return self._world_size
+
+    @property
+    def grad_sync(self) -> bool:
+        """Whether Dion averages the element-wise params' gradients itself."""
+        return self._grad_sync
+
+    @property
+    def seed(self) -> int:
+        """The seed of Q and of the stochastic rounding."""
+        return self._seed
+
+    def param_index(self, p: Tensor) -> int:
+        """The position of ``p`` in this optimizer (seeds its Q and its rounding)."""
+        return self._param_index[id(p)]
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; fills defaults, validates every hyperparameter and the shapes."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_group(group)
+        devices = {local(p).device for g in self.param_groups for p in g["params"]}
+        if len(devices) > 1:
+            raise ValueError(
+                f"Invalid params: on devices {sorted(map(str, devices))}; dion_lp.Dion needs "
+                "all its parameters on one device (use one optimizer per device)"
+            )
+        for i, p in enumerate(group["params"]):
+            self._param_index[id(p)] = self._next_index
+            self._next_index += 1
+            _check_param(p, group, i)
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step over every parameter that has a gradient.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        local_mats: list[DionMatrix] = []
+        shard_parts: dict[tuple[int, ...], list[DionMatrix]] = {}
+        elementwise = []
+        for group, p, grad in self._finite_grads():
+            place, index, st = placement(p), self._param_index[id(p)], self.state[p]
+            if place.sharded:
+                check_replicas(place, self._replicas)
+            if group["algorithm"] != "dion":
+                elementwise.append((group, p, local(grad), place, index))
+                continue
+            if not st:
+                init_dion_state(p, group, st, seed=self._seed, index=index, place=place)
+            mat = DionMatrix(p, local(grad), group, st, index, place)
+            if place.sharded:
+                key = tuple(dist.get_process_group_ranks(place.shard_group))
+                shard_parts.setdefault(key, []).append(mat)
+            else:
+                local_mats.append(mat)
+        self._sync_elementwise_grads(elementwise)
+        for group, p, grad, place, index in elementwise:
+            st = self.state[p]
+            elementwise_step_(p, grad, group, st, place=place, seed=self._seed, index=index)
+        layout = LocalLayout(self._group, self._world_size, self._stats)
+        # Replicas exchange every matrix's factors in one collective per phase; without
+        # replicas one matrix at a time bounds the fp32 working copies of the momenta.
+        chunks = [local_mats] if self._world_size > 1 else [[mat] for mat in local_mats]
+        for chunk in chunks:
+            if chunk:
+                dion_step_(chunk, layout, seed=self._seed)
+        for part in shard_parts.values():
+            sharded = ShardedLayout(part[0].place.shard_group, self._replicas, self._stats)
+            dion_step_(part, sharded, seed=self._seed)
+        self._stats.end_step()
+        return loss
+
+    def _finite_grads(self) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
+        """(group, param, fp32 grad) of every param to step (:func:`finite_gradients`)."""
+        return finite_gradients(self.param_groups, self._group, self._world_size, self._stats)
+
+    def _sync_elementwise_grads(self, items: list[tuple[Any, ...]]) -> None:
+        """Average the element-wise params' gradients over the replicas (grad_sync=True).
+
+        Plain params average over the optimizer's group; sharded ones over the HSDP
+        replicas given as ``process_group``.
+        """
+        if not self._grad_sync:
+            return
+        by_key: dict[tuple[bool, str], list[Tensor]] = {}
+        for group, _, grad, place, _ in items:
+            fmt = "fp32" if group["comm_dtype"] == "fp32" else "bf16"
+            by_key.setdefault((place.sharded, fmt), []).append(grad)
+        for (sharded, fmt), grads in by_key.items():
+            over = self._replicas if sharded else self._group
+            if over is not None and (sharded or self._world_size > 1):
+                quantized_mean_(grads, fmt, over, self._stats)
+
+    # ----------------------------------------------------------- bookkeeping
+    def comm_stats(self) -> dict[str, Any]:
+        """Wire bytes this rank sent since construction (nccl-tests bus-bandwidth convention).
+
+        Returns:
+            ``{"bytes_sent": int, "steps": int, "last_step": int, "by_kind": {kind: int}}``,
+            scales and the per-step agreement on non-finite gradients included.
+        """
+        return self._stats.as_dict()
+
+    @torch.no_grad()
+    def synchronize_for_checkpoint(self) -> None:
+        """Replace every rank's momenta by their mean over the replicas (collective).
+
+        Each replica keeps its own Dion momentum; only their mean enters the
+        updates (all exchanges are means). After this call every rank holds
+        the mean, so any rank's :meth:`state_dict` is the whole state and can be
+        loaded on any number of ranks. With fp32 state and exchange the run goes
+        on exactly as before, up to float rounding; to resume bit for bit on the
+        same world size instead, save each rank's own ``state_dict``. Plain FSDP
+        and native HSDP momenta are single global momenta already: not sent.
+        """
+        by_group: dict[str, list[tuple[QuantizedBuffer, Tensor]]] = {"local": [], "sharded": []}
+        for group in self.param_groups:
+            if group["algorithm"] != "dion":
+                continue
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    buf = QuantizedBuffer(st, "momentum")
+                    by_group["sharded" if is_sharded(p) else "local"].append((buf, buf.read()))
+        for key, over in (("local", self._group), ("sharded", self._replicas)):
+            entries = by_group[key]
+            if over is None or (key == "local" and self._world_size == 1):
+                continue
+            momenta = [M.clone() for _, M in entries]
+            quantized_mean_(momenta, "fp32", over, self._stats)
+            for (buf, _), M in zip(entries, momenta, strict=True):
+                buf.write(M, stochastic=False, generator=None)
+
+    def state_bytes(self) -> int:
+        """Bytes of every tensor of this rank's optimizer state (codes, scales, Q, residuals)."""
+        total = 0
+        for st in self.state.values():
+            for value in st.values():
+                if isinstance(value, Tensor):
+                    value = local(value)  # this rank's shard of a DTensor state
+                    total += value.numel() * value.element_size()
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only; loads with ``torch.load(..., weights_only=True)``."""
+        sd = super().state_dict()
+        sd["dion_lp"] = {
+            "version": checkpoint.STATE_DICT_VERSION,
+            "comm_stats": self._stats.state_dict(),
+            "world_size": self._world_size,
+            "seed": self._seed,  # the rounding bits are a function of it: resume needs it
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`, keeping every tensor's dtype.
+
+        Raises:
+            ValueError: the state was saved by another optimizer or version, for
+                other parameters, or with another layout (algorithm, momentum_dtype,
+                block_size, rank); nothing is changed then. A state dict of dion_lp
+                0.1.0 is refused with the converter to use
+                (:func:`dion_lp.checkpoint.upgrade_state_dict`).
+        """
+        checkpoint.check_loadable(state_dict, self.param_groups)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype: undo it for codes.
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id)
+            if saved is not None:
+                self.state[p] = {k: checkpoint.copy_value(v, p.device) for k, v in saved.items()}
+        for group in self.param_groups:
+            validate_group(group)
+            for st in (self.state[p] for p in group["params"] if p in self.state):
+                checkpoint.check_loaded_state(st, group)
+        meta = state_dict["dion_lp"]
+        if "comm_stats" in meta:
+            self._stats.load_state_dict(meta["comm_stats"])
+        if "seed" in meta:
+            self._seed = int(meta["seed"])
+
+
+def _resolve_process_group(process_group: Any) -> tuple[Any, int]:
+    """(group, world size): the default group when initialised with > 1 rank and none given."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if process_group is None:
+        if not initialised or dist.get_world_size() == 1:
+            return None, 1
+        return dist.group.WORLD, dist.get_world_size()
+    if not initialised:
+        raise ValueError(
+            f"Invalid process_group: {process_group!r}; torch.distributed is not initialised"
+        )
+    check_member(process_group, "process_group")
+    return process_group, dist.get_world_size(process_group)
+
+
+def _check_param(p: Tensor, group: dict[str, Any], i: int) -> None:
+    """Reject parameters the group's algorithm cannot handle, naming them."""
+    if not p.is_floating_point():
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)}: dtype {p.dtype} is not floating"
+        )
+    if group["algorithm"] != "dion":
+        return
+    if p.ndim != 2:
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)}; "
+            "Dion takes 2-D matrices, put other tensors in an 'adamw' or 'lion' group "
+            "(dion_lp.param_groups does this)"
+        )
+    if min(p.shape) < 2:
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)} "
+            "has a dimension of 1; such vectors belong to an 'adamw' or 'lion' group"
+        )

@@ -1,0 +1,262 @@
+"""The quantized state buffer: codes + scales in a row-block layout, for tensors and shards alike.
+
+A buffer ``name`` lives in a per-parameter state dict as plain entries, so the
+dict saves with ``torch.save`` / DCP and loads with ``torch.load(weights_only=True)``:
+
+- ``state[f"{name}_codes"]``: ``(rows, width)`` codes in the format's code dtype;
+- ``state[f"{name}_scales"]``: ``(rows, nb)`` float32, scaled formats only;
+- ``state[f"{name}_format"]``: ``{"fmt", "block_size", "row_block", "row_numel",
+  "version"}``.
+
+Row-block layout. A tensor is seen as ``rows`` rows of ``row_numel`` elements
+along its *row dim* (dim 0 for a plain tensor; the sharded dim of an FSDP2
+parameter, so each rank holds whole rows). Each row is cut into
+``nb = ceil(row_numel / block_size)`` blocks of ``row_block = ceil(row_numel / nb)``
+elements (padded with zeros to ``width = nb * row_block``), one scale per block.
+Block boundaries never depend on how the rows are split over ranks: with
+nearest rounding a buffer's codes are the same on any number of shards, and a
+sharded checkpoint reshards exactly. For a DTensor the entries are DTensors
+sharded ``Shard(0)`` like the rows; this module only ever touches the local rows.
+
+Small buffers stay in full precision (as torchao does for its low-bit
+optimizers: for biases and norms the scales cost more than the bytes they save):
+fewer than :data:`MIN_QUANT_NUMEL` elements in all, or, for the scaled formats,
+rows shorter than :data:`MIN_ROW_NUMEL` (a 4-byte scale per handful of codes),
+are stored as fp32 whatever format is asked for; :func:`storage_format` states
+the rule. With ``fmt == "fp32"`` the codes *are* the buffer: :meth:`read`
+returns them and callers update them in place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..dist.dtensor import local
+from . import codecs
+from .formats import format_info
+
+__all__ = [
+    "BUFFER_VERSION",
+    "MIN_QUANT_NUMEL",
+    "MIN_ROW_NUMEL",
+    "QuantizedBuffer",
+    "buffer_nbytes",
+    "row_blocks",
+    "row_shape",
+    "storage_format",
+]
+
+BUFFER_VERSION = 2  # 1: dion_lp 0.1.0's flat blocks (plain) or "_sharded" records (DTensor)
+MIN_QUANT_NUMEL = 4096
+MIN_ROW_NUMEL = 32
+
+
+def storage_format(fmt: str, rows: int, row_numel: int) -> str:
+    """The format a ``rows x row_numel`` buffer asked for in ``fmt`` is stored in."""
+    info = format_info(fmt)
+    if rows * row_numel < MIN_QUANT_NUMEL or (info.scaled and row_numel < MIN_ROW_NUMEL):
+        return "fp32"
+    return fmt
+
+
+def row_blocks(row_numel: int, block_size: int) -> tuple[int, int]:
+    """(blocks per row, elements per block) of a row of ``row_numel`` elements."""
+    nb = max(1, -(-row_numel // block_size))
+    return nb, -(-row_numel // nb)
+
+
+def buffer_nbytes(shape: tuple[int, ...], fmt: str, block_size: int, row_dim: int = 0) -> int:
+    """Closed form of the bytes of a buffer of a tensor of ``shape`` asked for in ``fmt``."""
+    rows, U = row_shape(shape, row_dim)
+    info = format_info(storage_format(fmt, rows, U))
+    if not info.scaled:
+        return rows * U * info.bytes_per_element
+    nb, eb = row_blocks(U, block_size)
+    return rows * nb * (eb * info.bytes_per_element + 4)
+
+
+def row_shape(shape: tuple[int, ...], row_dim: int = 0) -> tuple[int, int]:
+    """(rows, row_numel) of a tensor of ``shape`` cut into rows along ``row_dim``."""
+    if not shape:
+        return 1, 1
+    rows = shape[row_dim]
+    return rows, math.prod(shape) // max(rows, 1)
+
+
+class QuantizedBuffer:
+    """A view over buffer ``name`` of a per-parameter state dict (see the module docstring).
+
+    Args:
+        state: the per-parameter state dict holding the entries.
+        name: the buffer's name.
+    """
+
+    def __init__(self, state: dict[str, Any], name: str) -> None:
+        info = state.get(f"{name}_format")
+        if not isinstance(info, dict) or f"{name}_codes" not in state:
+            raise ValueError(f"Invalid state: no buffer {name!r}")
+        self.state, self.name, self.info = state, name, info
+
+    @classmethod
+    def create(
+        cls,
+        state: dict[str, Any],
+        name: str,
+        *,
+        rows: int,
+        row_numel: int,
+        local_rows: int,
+        fmt: str,
+        block_size: int,
+        device: Any,
+        wrap: Callable[[Tensor, tuple[int, int]], Any] | None = None,
+    ) -> QuantizedBuffer:
+        """Create a zero buffer of ``rows x row_numel`` elements, this rank holding ``local_rows``.
+
+        Args:
+            wrap: turns a local ``(local_rows, w)`` tensor into the stored entry of global
+                shape ``(rows, w)`` (a DTensor for sharded parameters); None: stored as is.
+        """
+        codecs.check_block_size(block_size)
+        stored = storage_format(fmt, rows, row_numel)
+        info = format_info(stored)
+        nb, eb = row_blocks(row_numel, block_size) if info.scaled else (0, row_numel)
+        width = nb * eb if info.scaled else row_numel
+        codes = torch.zeros(local_rows, width, dtype=info.code_dtype, device=device)
+        wrap = wrap or (lambda t, shape: t)
+        if info.scaled:
+            scales = torch.zeros(local_rows, nb, dtype=torch.float32, device=device)
+            # zero is not code 0 of every codebook (dynamic8): encode it
+            zeros = torch.zeros(codes.numel(), dtype=torch.float32, device=device)
+            codecs.encode_(zeros, codes.view(-1), scales.view(-1), stored, eb)
+            state[f"{name}_scales"] = wrap(scales, (rows, nb))
+        else:
+            state.pop(f"{name}_scales", None)
+        state[f"{name}_codes"] = wrap(codes, (rows, width))
+        state[f"{name}_format"] = {
+            "fmt": stored,
+            "block_size": block_size,
+            "row_block": eb,
+            "row_numel": row_numel,
+            "version": BUFFER_VERSION,
+        }
+        return cls(state, name)
+
+    @property
+    def fmt(self) -> str:
+        """The stored format (after the small-buffer rule)."""
+        return self.info["fmt"]
+
+    def _codes(self) -> Tensor:
+        return local(self.state[f"{self.name}_codes"])
+
+    def _scales(self) -> Tensor | None:
+        scales = self.state.get(f"{self.name}_scales")
+        return None if scales is None else local(scales).reshape(-1)
+
+    def read(self) -> Tensor:
+        """This rank's rows in fp32, ``(local_rows, row_numel)``.
+
+        For fp32 buffers this is the stored tensor itself (update it in place).
+        """
+        codes = self._codes()
+        if self.fmt == "fp32":
+            return codes
+        flat = codecs.decode(
+            codes.reshape(-1), self._scales(), self.fmt, self.info["row_block"], codes.numel()
+        )
+        return flat.view(codes.shape)[:, : self.info["row_numel"]]
+
+    def write(self, x: Tensor, *, stochastic: bool, generator: torch.Generator | None) -> None:
+        """Quantize ``x`` (``(local_rows, row_numel)``, any float dtype) into the buffer, in place.
+
+        Raises:
+            ValueError: wrong shape, NaN/Inf in ``x``, negative ``x`` for udynamic8.
+        """
+        codes = self._codes()
+        want = (codes.shape[0], self.info["row_numel"])
+        if tuple(x.shape) != want:
+            raise ValueError(
+                f"Invalid x for buffer {self.name!r}: shape {tuple(x.shape)}, expected {want}"
+            )
+        if self.fmt == "fp32":
+            if x.data_ptr() != codes.data_ptr() or x.stride() != codes.stride():
+                codes.copy_(x)
+            return
+        if codes.shape[1] != x.shape[1]:  # pad each row to whole blocks
+            x = torch.nn.functional.pad(x.float(), (0, codes.shape[1] - x.shape[1]))
+        codecs.encode_(
+            x.reshape(-1),
+            codes.view(-1),
+            self._scales(),
+            self.fmt,
+            self.info["row_block"],
+            stochastic,
+            generator,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes this rank holds: codes plus scales."""
+        codes, scales = self._codes(), self._scales()
+        total = codes.numel() * codes.element_size()
+        return total + (0 if scales is None else scales.numel() * 4)
+
+    def check(self, fmt: str, block_size: int) -> None:
+        """Raise ``ValueError`` unless the buffer has the layout this run would create.
+
+        Use after loading a state dict: version, stored format (after the small-buffer
+        rule), block size (scaled formats), code dtype and the codes' and scales' shapes.
+
+        Args:
+            fmt: the format this run asks for.
+            block_size: the block size this run asks for.
+        """
+        name, info = self.name, self.info
+        codes = self.state[f"{name}_codes"]
+        if info.get("version") != BUFFER_VERSION or codes.ndim != 2:
+            raise ValueError(
+                f"Invalid state buffer {name!r}: format version {info.get('version')!r}, this "
+                f"dion_lp reads version {BUFFER_VERSION} (convert an older state dict with "
+                "dion_lp.checkpoint.upgrade_state_dict)"
+            )
+        rows, U = codes.shape[0], info["row_numel"]
+        want = storage_format(fmt, rows, U)
+        if info["fmt"] != want:
+            raise ValueError(
+                f"Invalid state buffer {name!r}: saved with fmt {info['fmt']!r}, "
+                f"but this run uses fmt {want!r} (requested {fmt!r})"
+            )
+        scaled = format_info(want).scaled
+        if scaled and info["block_size"] != block_size:
+            raise ValueError(
+                f"Invalid state buffer {name!r}: saved with block_size {info['block_size']!r}, "
+                f"but this run uses block_size {block_size!r}"
+            )
+        nb, eb = row_blocks(U, block_size) if scaled else (0, U)
+        scales = self.state.get(f"{name}_scales")
+        bad_scales = scaled and (
+            scales is None or tuple(scales.shape) != (rows, nb) or scales.dtype != torch.float32
+        )
+        width = nb * eb if scaled else U
+        dtype = format_info(want).code_dtype
+        if codes.dtype != dtype or codes.shape[1] != width or bad_scales or info["row_block"] != eb:
+            raise ValueError(
+                f"Invalid state buffer {name!r}: codes {codes.dtype} {tuple(codes.shape)} do "
+                f"not match fmt {want!r} with rows of {U} elements and block_size {block_size}"
+            )
+
+    def check_shape(self, rows: int, row_numel: int, what: str) -> None:
+        """Raise ``ValueError`` naming ``what`` unless the buffer holds ``rows x row_numel``."""
+        codes = self.state[f"{self.name}_codes"]
+        got = (codes.shape[0], self.info.get("row_numel"))
+        if got != (rows, row_numel):
+            raise ValueError(
+                f"Invalid state for {what}: buffer {self.name!r} holds {got[0]} rows of {got[1]} "
+                f"elements, the parameter needs {rows} rows of {row_numel}"
+            )

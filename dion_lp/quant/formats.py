@@ -1,0 +1,121 @@
+"""The one registry of number formats: what each is, what it costs, where it may be used.
+
+Validation (:mod:`dion_lp.options`), the codecs (:mod:`dion_lp.quant.codecs`), the
+wire (:mod:`dion_lp.dist.collectives`) and the state buffers
+(:mod:`dion_lp.quant.buffer`) all read this table; no other module lists formats.
+
+=============  ==================  ======  =====================================
+format         codes dtype         scaled  used for
+=============  ==================  ======  =====================================
+``fp32``       float32             no      state, wire
+``bf16``       bfloat16            no      state, wire
+``int8``       int8 in [-127,127]  yes     state
+``fp8_e4m3``   float8_e4m3fn       yes     state, wire
+``fp8_e5m2``   float8_e5m2         yes     wire
+``dynamic8``   uint8               yes     state
+``udynamic8``  uint8               yes     non-negative state (AdamW's second moment)
+=============  ==================  ======  =====================================
+
+A scaled format stores one float32 scale per block of elements. ``built`` says
+whether the optimizer can run with a format: a format in the table that is not
+built is accepted by name and refused with ``NotImplementedError`` (none today).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "FORMATS",
+    "MOMENTUM_FORMATS",
+    "REGISTRY",
+    "SCALED_FORMATS",
+    "SCALE_NBYTES",
+    "WIRE_FORMATS",
+    "Format",
+    "check_built",
+    "format_info",
+    "unsigned_variant",
+]
+
+SCALE_NBYTES = 4  # every scale is a float32
+
+
+@dataclass(frozen=True)
+class Format:
+    """One number format.
+
+    Attributes:
+        name: the name users pass (``momentum_dtype=``, ``comm_dtype=``).
+        code_dtype: dtype of the stored codes (fp8 travels as uint8 views of it).
+        scaled: one float32 scale per block of codes.
+        state: usable as an optimizer-state format (``momentum_dtype``).
+        wire: usable as a wire format (``comm_dtype``).
+        built: the optimizer can run with it.
+        unsigned: the variant used for non-negative state (AdamW's second moment).
+    """
+
+    name: str
+    code_dtype: torch.dtype
+    scaled: bool
+    state: bool
+    wire: bool
+    built: bool = True
+    unsigned: str | None = None
+
+    @property
+    def bytes_per_element(self) -> int:
+        """Bytes of one code (scales not included)."""
+        return self.code_dtype.itemsize
+
+
+REGISTRY: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("fp32", torch.float32, scaled=False, state=True, wire=True),
+        Format("bf16", torch.bfloat16, scaled=False, state=True, wire=True),
+        Format("int8", torch.int8, scaled=True, state=True, wire=False, unsigned="udynamic8"),
+        Format(
+            "fp8_e4m3",
+            torch.float8_e4m3fn,
+            scaled=True,
+            state=True,
+            wire=True,
+            unsigned="udynamic8",
+        ),
+        Format("fp8_e5m2", torch.float8_e5m2, scaled=True, state=False, wire=True),
+        Format("dynamic8", torch.uint8, scaled=True, state=True, wire=False, unsigned="udynamic8"),
+        # internal: chosen for non-negative buffers, never asked for by name
+        Format("udynamic8", torch.uint8, scaled=True, state=False, wire=False),
+    )
+}
+
+FORMATS = tuple(REGISTRY)
+SCALED_FORMATS = tuple(name for name, f in REGISTRY.items() if f.scaled)
+MOMENTUM_FORMATS = tuple(name for name, f in REGISTRY.items() if f.state)
+WIRE_FORMATS = tuple(name for name, f in REGISTRY.items() if f.wire)
+
+
+def format_info(fmt: str) -> Format:
+    """The :class:`Format` named ``fmt``, or a ``ValueError`` naming it."""
+    if not isinstance(fmt, str) or fmt not in REGISTRY:
+        raise ValueError(f"Invalid fmt: {fmt!r}; expected one of {FORMATS}")
+    return REGISTRY[fmt]
+
+
+def check_built(fmt: str, name: str) -> None:
+    """Raise ``NotImplementedError`` naming the argument if ``fmt`` is registered but not built."""
+    if not format_info(fmt).built:
+        raise NotImplementedError(f"{name}={fmt!r} is not built yet")
+
+
+def unsigned_variant(fmt: str) -> str:
+    """The format of a non-negative buffer asked for in ``fmt``.
+
+    AdamW's second moment spans many decades of small positive values; a signed
+    absmax code would waste its sign bit and flush the small ones to zero, so the
+    8-bit state formats store it in the unsigned dynamic codebook.
+    """
+    return format_info(fmt).unsigned or fmt
