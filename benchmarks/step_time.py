@@ -8,13 +8,19 @@ Ratios are to Dion fp32 and to torch's AdamW (foreach) on the same shapes.
     python -m benchmarks.step_time --shapes 768x768,768x3072 --repeats 7
     python -m benchmarks.step_time --breakdown          # where quantization time goes
     python -m benchmarks.step_time --world-size 2       # replicated vs single process
+    python -m benchmarks.step_time --table issue15 --repeats 9 \
+        --old /work/v010 --microsoft-dion /work/msdion --out results/step_table.json
 
 ``--breakdown`` times, on one matrix per format, the whole Dion step and the
 two state conversions inside it (reading the momentum out to fp32, writing it
 back quantized) with the same tensors, so their share of the step is measured,
 not inferred. ``--world-size N`` spawns N gloo ranks (one thread each) that step
 replicated Dion in every wire format, interleaved, and compares with the same
-step in one process (one thread) measured in the same run.
+step in one process (one thread) measured in the same run. ``--table issue15``
+prints issue 15's table (:mod:`benchmarks._step_table`): one step over the
+eight matrices of two GPT-2-small blocks, 1 thread, dion_lp in five momentum
+formats next to another dion_lp version, microsoft/dion's DionReference,
+bitsandbytes' AdamW8bit and torch's AdamW, at rank fractions 1/4 and 1/16.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from torch import nn
 
 import dion_lp
 from dion_lp.quant.buffer import QuantizedBuffer
+
+from . import _step_table
 
 CONFIGS: dict[str, Callable[[list[nn.Parameter], float], torch.optim.Optimizer]] = {
     "adamw (torch)": lambda ps, rf: torch.optim.AdamW(ps, lr=1e-3),
@@ -105,7 +113,6 @@ def breakdown(shape: tuple[int, int], rank_fraction: float, repeats: int) -> lis
         X.grad = grad.clone()
         opt.step()
         st = opt.state[X]
-        sr_gen = torch.Generator().manual_seed(1)
         steps, reads, writes = [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -116,7 +123,7 @@ def breakdown(shape: tuple[int, int], rank_fraction: float, repeats: int) -> lis
             reads.append(time.perf_counter() - start)
             start = time.perf_counter()
             if fmt != "fp32":
-                QuantizedBuffer(st, "momentum").write(M, stochastic=True, generator=sr_gen)
+                QuantizedBuffer(st, "momentum").write(M, stochastic=True, key=1)
             writes.append(time.perf_counter() - start)
         step, read, write = (statistics.median(v) for v in (steps, reads, writes))
         rows.append(
@@ -206,14 +213,39 @@ def replicated(
 def main(argv: list[str] | None = None) -> None:
     """Print step time per config, per million parameters, and as ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="256x256,768x768,768x3072")
-    parser.add_argument("--rank-fractions", default="1.0,0.25,0.0625")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--shapes",
+        help="MxN,... (default 256x256,768x768,768x3072; --table: two GPT-2-small blocks)",
+    )
+    parser.add_argument("--rank-fractions", help="default 1.0,0.25,0.0625")
+    parser.add_argument("--repeats", type=int, help="timed steps (default 5; --table: 9)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0: default; --table: 1)"
+    )
     parser.add_argument("--breakdown", action="store_true", help="state conversion share")
     parser.add_argument("--world-size", type=int, default=0, help="replicated ranks (0: off)")
+    parser.add_argument("--table", choices=["issue15"], help="the issue's step-time table")
+    parser.add_argument("--old", help="--table: checkout holding another dion_lp/ version")
+    parser.add_argument("--microsoft-dion", help="--table: checkout of microsoft/dion")
+    parser.add_argument("--out", help="--table: also write the rows as JSON")
     args = parser.parse_args(argv)
+    if args.table:
+        torch.set_num_threads(args.threads or 1)
+        shapes = _parse_shapes(args.shapes) if args.shapes else _step_table.SHAPES
+        fractions = args.rank_fractions or _step_table.DEFAULT_FRACTIONS
+        _step_table.run(
+            shapes,
+            [float(x) for x in fractions.split(",")],
+            9 if args.repeats is None else args.repeats,
+            old=args.old,
+            microsoft_dion=args.microsoft_dion,
+            out=args.out,
+        )
+        return
+    args.shapes = args.shapes or "256x256,768x768,768x3072"
+    args.rank_fractions = args.rank_fractions or "1.0,0.25,0.0625"
+    args.repeats = 5 if args.repeats is None else args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.breakdown:

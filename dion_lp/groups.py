@@ -1,12 +1,24 @@
-"""Split a model's parameters the way Dion needs, so users never do it by hand."""
+"""Param groups: split a model the way Dion needs, and check a group before it joins.
+
+:func:`param_groups` splits a model so users never do it by hand;
+:func:`checked_group` runs every check of ``add_param_group`` (torch's and Dion's)
+on a copy of a new group, so a refused group never reaches the optimizer.
+"""
 
 from __future__ import annotations
 
+import types
+import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["param_groups"]
+from .dist.dtensor import local
+from .gradients import param_name
+from .options import validate_group
+
+__all__ = ["check_param", "checked_group", "param_groups"]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -100,3 +112,99 @@ def _owners(model: nn.Module, head_names: tuple[str, ...]) -> dict[int, set[str]
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(kind)
     return owners
+
+
+# ------------------------------------------------------------- add_param_group
+def checked_group(
+    param_group: Any, defaults: dict[str, Any], existing: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Check a group for ``add_param_group`` on a copy, before anything changes.
+
+    Runs torch's own checks (``torch.optim.Optimizer.add_param_group`` on a scratch
+    list of groups: tensors, leaves, overlaps, names), then Dion's: every
+    hyperparameter with the defaults filled in, every parameter against the group's
+    algorithm, one device for all parameters. A group without names joining
+    groups with names (:func:`param_groups` sets them) is given
+    ``"group{g}.param{i}"`` names, as torch refuses to mix the two.
+
+    Args:
+        param_group: the group as passed to ``add_param_group`` (not changed).
+        defaults: the optimizer's defaults.
+        existing: the optimizer's groups (not changed).
+
+    Returns:
+        The entries to set on ``param_group`` before torch's ``add_param_group``
+        takes it: ``"params"`` as a list (an iterator is read once, here) and the
+        derived ``"param_names"``, if any.
+
+    Raises:
+        ValueError: a hyperparameter, parameter or device Dion cannot take,
+            naming it and its value; torch's ``TypeError`` / ``ValueError`` for
+            what torch refuses.
+    """
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+    trial = dict(param_group)
+    params = trial["params"]
+    if isinstance(params, Tensor):
+        params = [params]
+    elif not isinstance(params, set):  # torch refuses sets (unordered) below
+        params = list(params)
+    trial["params"] = params
+    updates = {"params": params, **_derived_names(trial, existing)}
+    trial.update(updates)
+    scratch = types.SimpleNamespace(defaults=defaults, param_groups=list(existing))
+    with warnings.catch_warnings():  # torch warns again when it adds the group for real
+        warnings.simplefilter("ignore")
+        torch.optim.Optimizer.add_param_group(scratch, trial)  # type: ignore[arg-type]
+    group = scratch.param_groups[-1]
+    names, count = group.get("param_names"), len(group["params"])
+    if names is not None and (not isinstance(names, (list, tuple)) or len(names) != count):
+        raise ValueError(
+            f"Invalid param_names: {names!r}; expected a list of one name per parameter ({count})"
+        )
+    validate_group(group)
+    devices = {local(p).device for g in scratch.param_groups for p in g["params"]}
+    if len(devices) > 1:
+        raise ValueError(
+            f"Invalid params: on devices {sorted(map(str, devices))}; dion_lp.Dion needs "
+            "all its parameters on one device (use one optimizer per device)"
+        )
+    for i, p in enumerate(group["params"]):
+        check_param(p, group, i)
+    return updates
+
+
+def _derived_names(trial: dict[str, Any], existing: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"param_names": ...}`` for an unnamed group joining named ones, else ``{}``."""
+    params = trial["params"]
+    named = "param_names" in trial or any(isinstance(p, tuple) for p in params)
+    if not existing or named == ("param_names" in existing[0]) or not isinstance(params, list):
+        return {}
+    if named:
+        raise ValueError(
+            "Invalid param_group: it names its parameters ('param_names' or (name, tensor) "
+            "pairs) but this optimizer's groups do not; pass the tensors without names"
+        )
+    return {"param_names": [f"group{len(existing)}.param{i}" for i in range(len(params))]}
+
+
+def check_param(p: Tensor, group: dict[str, Any], i: int) -> None:
+    """Reject parameters the group's algorithm cannot handle, naming them."""
+    if not p.is_floating_point():
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)}: dtype {p.dtype} is not floating"
+        )
+    if group["algorithm"] != "dion":
+        return
+    if p.ndim != 2:
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)}; "
+            "Dion takes 2-D matrices, put other tensors in an 'adamw' or 'lion' group "
+            "(dion_lp.param_groups does this)"
+        )
+    if min(p.shape) < 2:
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)} "
+            "has a dimension of 1; such vectors belong to an 'adamw' or 'lion' group"
+        )

@@ -11,6 +11,7 @@ over replicas (:mod:`dion_lp.layouts.local`), or FSDP2 shards
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,17 +19,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import checkpoint
+from . import _pickling, checkpoint
 from .algorithms.dion import DionMatrix, dion_step_, init_dion_state
 from .algorithms.elementwise import elementwise_step_
 from .dist.accounting import CommStats
 from .dist.collectives import check_member, quantized_mean_
 from .dist.dtensor import is_sharded, local
-from .gradients import finite_gradients, param_name
+from .gradients import finite_gradients
+from .groups import checked_group
 from .layouts.local import LocalLayout
 from .layouts.placement import placement
 from .layouts.sharded import ShardedLayout, check_replicas
-from .options import validate_group
+from .options import check_seed
 from .quant.buffer import QuantizedBuffer
 
 __all__ = ["Dion"]
@@ -68,6 +70,15 @@ class Dion(torch.optim.Optimizer):
         nonfinite: ``"raise"`` (default) raises :class:`NonFiniteGradientError`
             naming the parameter; ``"skip"`` leaves that parameter and its state
             untouched this step.
+
+    Copies: ``copy.deepcopy`` copies everything (state, groups, seed, parameter
+    indices, counters) but the process group, which the copy shares: it is
+    replicated over the same ranks. ``pickle`` / ``torch.save`` keep the process
+    group only when it is the default group; the restored optimizer averages over
+    the default group of the process that restores it (single-process when
+    torch.distributed is not initialised there; a warning says when the world
+    size changed). Pickling a Dion on any other group raises ``ValueError``:
+    save its ``state_dict()`` instead. Hooks are not copied (as torch's).
     """
 
     def __init__(
@@ -107,11 +118,9 @@ class Dion(torch.optim.Optimizer):
             algorithm=algorithm,
             nonfinite=nonfinite,
         )
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**63)")
         if not isinstance(grad_sync, bool):
             raise ValueError(f"Invalid grad_sync: {grad_sync!r}; expected a bool")
-        self._seed = seed
+        self._seed = check_seed(seed)
         self._next_index = 0
         self._param_index: dict[int, int] = {}
         self._group, self._world_size = _resolve_process_group(process_group)
@@ -147,20 +156,34 @@ class Dion(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; fills defaults, validates every hyperparameter and the shapes."""
+        """Add a group as torch does, once every check passed.
+
+        The defaults are filled in, then every hyperparameter, every parameter and
+        their device are checked (:func:`dion_lp.groups.checked_group`); a refused
+        group leaves the optimizer (and ``param_group``) as they were. A group
+        without ``param_names`` joining groups with names
+        (:func:`dion_lp.param_groups`) is named ``"group{g}.param{i}"``.
+
+        Raises:
+            ValueError: naming the argument or parameter and its value.
+        """
+        param_group.update(checked_group(param_group, self.defaults, self.param_groups))
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        validate_group(group)
-        devices = {local(p).device for g in self.param_groups for p in g["params"]}
-        if len(devices) > 1:
-            raise ValueError(
-                f"Invalid params: on devices {sorted(map(str, devices))}; dion_lp.Dion needs "
-                "all its parameters on one device (use one optimizer per device)"
-            )
-        for i, p in enumerate(group["params"]):
+        for p in self.param_groups[-1]["params"]:
             self._param_index[id(p)] = self._next_index
             self._next_index += 1
-            _check_param(p, group, i)
+
+    # ----------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but hooks; the process group only if it is the default one (see class doc)."""
+        return _pickling.get_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        _pickling.set_state(self, state)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Dion:
+        """A copy with its own state and parameters (memo-shared), sharing the process group."""
+        return _pickling.deepcopy_optimizer(self, memo)
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -271,7 +294,7 @@ class Dion(torch.optim.Optimizer):
             momenta = [M.clone() for _, M in entries]
             quantized_mean_(momenta, "fp32", over, self._stats)
             for (buf, _), M in zip(entries, momenta, strict=True):
-                buf.write(M, stochastic=False, generator=None)
+                buf.write(M, stochastic=False)
 
     def state_bytes(self) -> int:
         """Bytes of every tensor of this rank's optimizer state (codes, scales, Q, residuals)."""
@@ -297,26 +320,43 @@ class Dion(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`, keeping every tensor's dtype.
 
+        Everything is checked before anything changes
+        (:func:`dion_lp.checkpoint.check_loadable`).
+
         Raises:
             ValueError: the state was saved by another optimizer or version, for
-                other parameters, or with another layout (algorithm, momentum_dtype,
-                block_size, rank); nothing is changed then. A state dict of dion_lp
-                0.1.0 is refused with the converter to use
+                other parameters (another count, shape, or order of groups), or with
+                another layout (algorithm, momentum_dtype, block_size, rank); the
+                message names the parameter or key. A state dict of dion_lp 0.1.0 is
+                refused with the converter to use
                 (:func:`dion_lp.checkpoint.upgrade_state_dict`).
         """
+        self._load_state_dict(state_dict, copy=True)
+
+    def _load_state_dict(self, state_dict: dict[str, Any], *, copy: bool) -> None:
+        """:meth:`load_state_dict`; ``copy=False`` adopts the state tensors (fresh DCP ones)."""
+        state_dict = state_dict.copy()  # torch's load pre-hooks run first, as torch runs them
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         checkpoint.check_loadable(state_dict, self.param_groups)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        super().load_state_dict(state_dict)
+        hooks, self._optimizer_load_state_dict_pre_hooks = (
+            self._optimizer_load_state_dict_pre_hooks,
+            OrderedDict(),
+        )
+        try:  # the pre-hooks ran already
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
         # torch casts floating state to the parameter's dtype: undo it for codes.
         for saved_id, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
             if saved is not None:
-                self.state[p] = {k: checkpoint.copy_value(v, p.device) for k, v in saved.items()}
-        for group in self.param_groups:
-            validate_group(group)
-            for st in (self.state[p] for p in group["params"] if p in self.state):
-                checkpoint.check_loaded_state(st, group)
+                self.state[p] = {
+                    k: checkpoint.copy_value(v, local(p).device, copy) for k, v in saved.items()
+                }
         meta = state_dict["dion_lp"]
         if "comm_stats" in meta:
             self._stats.load_state_dict(meta["comm_stats"])
@@ -337,24 +377,3 @@ def _resolve_process_group(process_group: Any) -> tuple[Any, int]:
         )
     check_member(process_group, "process_group")
     return process_group, dist.get_world_size(process_group)
-
-
-def _check_param(p: Tensor, group: dict[str, Any], i: int) -> None:
-    """Reject parameters the group's algorithm cannot handle, naming them."""
-    if not p.is_floating_point():
-        raise ValueError(
-            f"Invalid parameter {param_name(group, i)}: dtype {p.dtype} is not floating"
-        )
-    if group["algorithm"] != "dion":
-        return
-    if p.ndim != 2:
-        raise ValueError(
-            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)}; "
-            "Dion takes 2-D matrices, put other tensors in an 'adamw' or 'lion' group "
-            "(dion_lp.param_groups does this)"
-        )
-    if min(p.shape) < 2:
-        raise ValueError(
-            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)} "
-            "has a dimension of 1; such vectors belong to an 'adamw' or 'lion' group"
-        )

@@ -15,8 +15,10 @@ from .quant.formats import MOMENTUM_FORMATS, WIRE_FORMATS, check_built
 __all__ = [
     "ALGORITHMS",
     "COMM_DTYPES",
+    "HYPERPARAMETERS",
     "MOMENTUM_DTYPES",
     "NONFINITE_MODES",
+    "check_seed",
     "dion_rank",
     "validate_group",
 ]
@@ -25,6 +27,23 @@ ALGORITHMS = ("dion", "adamw", "lion")
 MOMENTUM_DTYPES = MOMENTUM_FORMATS
 COMM_DTYPES = WIRE_FORMATS
 NONFINITE_MODES = ("raise", "skip")
+# Every key validate_group reads: a group (or a saved one) must have them all.
+HYPERPARAMETERS = (
+    "lr",
+    "mu",
+    "weight_decay",
+    "betas",
+    "eps",
+    "rank_fraction",
+    "rank_multiple_of",
+    "algorithm",
+    "momentum_dtype",
+    "comm_dtype",
+    "nonfinite",
+    "stochastic_rounding",
+    "momentum_residual",
+    "block_size",
+)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -32,9 +51,14 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {', '.join(choices)}")
 
 
+def _is_number(value: Any) -> bool:
+    """A real number: int or float, and not a bool (``True`` is no learning rate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_unit_interval(name: str, value: Any) -> None:
     """Require 0 <= value < 1 (momentum coefficients)."""
-    if not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
+    if not _is_number(value) or not (0.0 <= value < 1.0):
         raise ValueError(f"Invalid {name}: {value!r}; expected 0 <= {name} < 1")
 
 
@@ -45,11 +69,11 @@ def validate_group(group: dict[str, Any]) -> None:
         group: a param group with all defaults filled in.
     """
     lr = group["lr"]
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"Invalid lr: {lr!r}; expected a finite number >= 0")
     _check_unit_interval("mu", group["mu"])
     wd = group["weight_decay"]
-    if not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+    if not _is_number(wd) or not math.isfinite(wd) or wd < 0:
         raise ValueError(f"Invalid weight_decay: {wd!r}; expected a finite number >= 0")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -57,10 +81,10 @@ def validate_group(group: dict[str, Any]) -> None:
     for i, beta in enumerate(betas):
         _check_unit_interval(f"betas[{i}]", beta)
     eps = group["eps"]
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"Invalid eps: {eps!r}; expected a finite number > 0")
     fraction = group["rank_fraction"]
-    if not isinstance(fraction, (int, float)) or not (0.0 < fraction <= 1.0):
+    if not _is_number(fraction) or not (0.0 < fraction <= 1.0):
         raise ValueError(f"Invalid rank_fraction: {fraction!r}; expected 0 < rank_fraction <= 1")
     multiple = group["rank_multiple_of"]
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
@@ -82,6 +106,13 @@ def validate_group(group: dict[str, Any]) -> None:
     block = group["block_size"]
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"Invalid block_size: {block!r}; expected an integer >= 1")
+
+
+def check_seed(seed: Any) -> int:
+    """The seed, if it is an int in [0, 2**63) (it seeds torch generators); else ``ValueError``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**63)")
+    return seed
 
 
 def dion_rank(m: int, n: int, rank_fraction: float, rank_multiple_of: int) -> int:

@@ -196,3 +196,35 @@ def test_codec_inputs_and_unknown_library():
     assert peak["student-t3"] > peak["gaussian"]  # heavy tails
     with pytest.raises(ValueError, match="library"):
         codecs.codecs_for(["nope"])
+
+
+# ----------------------------------------------------------------------------- step-time table
+
+
+def test_step_time_issue15_table_on_tiny_shapes(tmp_path, capsys):
+    from benchmarks import step_time
+
+    missing = str(tmp_path / "missing")  # unavailable rows are reported, never a crash
+    out = tmp_path / "table.json"
+    step_time.main(
+        ["--table", "issue15", "--shapes", "64x96,96x64", "--repeats", "1"]
+        + ["--old", missing, "--microsoft-dion", missing, "--out", str(out)]
+    )
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["rank_fraction"] for r in rows} == {0.25, 0.0625}
+    dion = [r for r in rows if r["optimizer"].startswith("dion_lp ") and r["status"] == "ok"]
+    assert len(dion) == 2 * 5  # rank fractions x momentum formats
+    assert all(r["ratio"] > 0 and r["first_ms"] > 0 for r in dion)
+    base = [r for r in dion if r["optimizer"] == "dion_lp fp32"]
+    assert [r["ratio"] for r in base] == [1.0, 1.0]
+    adamw = [r for r in rows if r["optimizer"] == "torch AdamW (foreach)"]
+    assert len(adamw) == 2 and all(r["ratio"] > 0 for r in adamw)
+    for name in ("dion_lp --old", "microsoft/dion DionReference (fp32)"):
+        assert {r["status"].split(":")[0] for r in rows if r["optimizer"] == name} == {
+            "not available"
+        }
+    for label in ("dion_lp fp32", "dion_lp int8 momentum SR", "dion_lp int8 nearest"):
+        assert f"| {label} | " in table
+    assert "| rank 1/4 | first step ms (1/4) | rank 1/16 |" in table
+    assert "(1.00x)" in table and "not available: ValueError" in table

@@ -18,6 +18,7 @@ from dion_lp.quant.buffer import (
     row_blocks,
     storage_format,
 )
+from dion_lp.quant.rng import key_tensor
 
 LIKE_SHAPE = (96, 64)  # 6144 elements: quantized (>= MIN_QUANT_NUMEL), rows of 64
 SCALED = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
@@ -74,12 +75,15 @@ def test_write_read_equals_quantize_of_each_row_block(fmt: str, stochastic: bool
     x = values(fmt, shape)
     buf = create(state, "m", shape, fmt, block_size=128)
     codes_before = state["m_codes"]
-    buf.write(x, stochastic=stochastic, generator=torch.Generator().manual_seed(3))
+    buf.write(x, stochastic=stochastic, key=3)
     assert state["m_codes"] is codes_before  # written in place
-    q = quant.quantize(
-        x, fmt, block_size=100, stochastic=stochastic, generator=torch.Generator().manual_seed(3)
-    )
-    assert torch.equal(buf.read(), quant.dequantize(q))
+    # the flat codec with the same stream key: element (i, j) is global index 300 i + j
+    codes = torch.empty(x.numel(), dtype=quant.code_dtype(fmt))
+    scales = torch.empty(quant.scale_count(x.numel(), 100, fmt)) if fmt in SCALED else None
+    key = key_tensor(3) if stochastic else None
+    quant.encode_(x, codes, scales, fmt, 100, stochastic, key=key)
+    oracle = quant.decode(codes, scales, fmt, 100, x.numel(), out=torch.empty(x.numel()))
+    assert torch.equal(buf.read(), oracle.view(shape))
     if fmt == "int8":  # an independent error bound: block absmax / 127 per element
         scale = x.reshape(-1, 100).abs().amax(1, keepdim=True) / 127
         err = (buf.read() - x).reshape(-1, 100).abs()
@@ -92,7 +96,7 @@ def test_padded_rows_and_whole_vs_row_shards_give_the_same_codes() -> None:
     assert row_blocks(301, block) == (3, 101)
     x = values("int8", shape)
     whole: dict = {}
-    create(whole, "m", shape, "int8", block).write(x, stochastic=False, generator=None)
+    create(whole, "m", shape, "int8", block).write(x, stochastic=False)
     assert whole["m_codes"].shape == (40, 303) and whole["m_scales"].shape == (40, 3)
     for start, stop in ((0, 13), (13, 27), (27, 40)):
         part: dict = {}
@@ -106,7 +110,7 @@ def test_padded_rows_and_whole_vs_row_shards_give_the_same_codes() -> None:
             block_size=block,
             device="cpu",
         )
-        buf.write(x[start:stop], stochastic=False, generator=None)
+        buf.write(x[start:stop], stochastic=False)
         assert torch.equal(part["m_codes"], whole["m_codes"][start:stop])
         assert torch.equal(part["m_scales"], whole["m_scales"][start:stop])
     err = (QuantizedBuffer(whole, "m").read() - x).abs()
@@ -119,8 +123,8 @@ def test_fp32_buffer_is_the_state_tensor() -> None:
     M = buf.read()
     M.add_(2.0)  # callers update fp32 state in place
     assert (state["momentum_codes"] == 2.0).all()
-    buf.write(M, stochastic=True, generator=None)  # a no-op
-    buf.write(torch.full(LIKE_SHAPE, 5.0), stochastic=False, generator=None)
+    buf.write(M, stochastic=True, key=1)  # a no-op
+    buf.write(torch.full(LIKE_SHAPE, 5.0), stochastic=False)
     assert buf.read() is state["momentum_codes"]
     assert (state["momentum_codes"] == 5.0).all()
 
@@ -140,7 +144,7 @@ def test_small_buffers_and_short_rows_stay_fp32(fmt: str) -> None:
     assert storage_format(fmt, 4095, 1) == "fp32" and storage_format(fmt, 128, 32) == fmt
     assert storage_format(fmt, 4096, 31) == ("fp32" if scaled else fmt)
     x = torch.randn(MIN_QUANT_NUMEL - 1, 1)
-    QuantizedBuffer(state, "small").write(x, stochastic=True, generator=None)
+    QuantizedBuffer(state, "small").write(x, stochastic=True, key=1)
     assert torch.equal(QuantizedBuffer(state, "small").read(), x)  # exact: nothing rounded
 
 
@@ -205,13 +209,13 @@ def test_invalid_use_raises() -> None:
         QuantizedBuffer(state, "m")
     buf = create(state, "m", LIKE_SHAPE, "udynamic8")
     with pytest.raises(ValueError, match=r"shape \(64, 96\), expected \(96, 64\)"):
-        buf.write(torch.zeros(64, 96), stochastic=False, generator=None)
+        buf.write(torch.zeros(64, 96), stochastic=False)
     with pytest.raises(ValueError, match="non-negative"):
-        buf.write(-torch.ones(LIKE_SHAPE), stochastic=False, generator=None)
+        buf.write(-torch.ones(LIKE_SHAPE), stochastic=False)
     bad = torch.ones(LIKE_SHAPE)
     bad[3, 4] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        buf.write(bad, stochastic=False, generator=None)
+        buf.write(bad, stochastic=False)
 
 
 def test_save_and_load_weights_only() -> None:
@@ -219,7 +223,7 @@ def test_save_and_load_weights_only() -> None:
     state: dict = {"step": 7}
     for i, fmt in enumerate(quant.FORMATS):
         buf = create(state, fmt, LIKE_SHAPE, fmt, block_size=32)
-        buf.write(values(fmt, seed=i), stochastic=True, generator=None)
+        buf.write(values(fmt, seed=i), stochastic=True, key=i)
     create(state, "tiny", (5, 1), "int8")
     stream = io.BytesIO()
     torch.save(state, stream)
@@ -234,6 +238,5 @@ def test_save_and_load_weights_only() -> None:
     for name in ("int8", "dynamic8"):  # the loaded buffers keep working: same write, same codes
         x = values(name, seed=11)
         for st in (state, loaded):
-            gen = torch.Generator().manual_seed(5)
-            QuantizedBuffer(st, name).write(x, stochastic=True, generator=gen)
+            QuantizedBuffer(st, name).write(x, stochastic=True, key=5)
         assert torch.equal(loaded[f"{name}_codes"], state[f"{name}_codes"])

@@ -172,7 +172,8 @@ def case_dcp_same_mesh(rank, world):
         model, opt = _sharded(rank, world, **kw)
         _train(model, opt, 2, rank, world)
         path = _shared_dir(rank)
-        dcp.save({"model": model.state_dict(), "optim": dcp_state_dict(opt)}, checkpoint_id=path)
+        live = dcp_state_dict(opt, copy=False)  # saving only: the live tensors, no copy
+        dcp.save({"model": model.state_dict(), "optim": live}, checkpoint_id=path)
         _train(model, opt, 2, rank, world, start=2)
         model2, opt2 = _sharded(rank, world, **kw)
         sd = {"model": model2.state_dict(), "optim": dcp_state_dict(opt2)}
@@ -333,14 +334,17 @@ def test_fp32_equals_single_process(dist_results, reference):
 @pytest.mark.parametrize("momentum_dtype", ["int8", "fp8_e4m3"])
 def test_fp8_factors_8bit_momentum_stay_close(dist_results, reference, momentum_dtype):
     # 3 steps of lr 0.02 move entries by ~0.05; fp8 factors (e4m3 with int8 momentum,
-    # e5m2 with fp8_e4m3 momentum) may move them by a few percent of that. Measured max,
-    # both in the AdamW head: 4.3e-3 (int8) with stochastic rounding, which the sharded
-    # element-wise states honour since 0.2 (0.1.0 rounded them to nearest: 3.3e-3; the
-    # same run with stochastic_rounding=False still stays under 4e-3).
+    # e5m2 with fp8_e4m3 momentum) may move the Dion matrices by a few percent of that.
+    # The AdamW parameters (head, norm, biases) keep 8-bit moments rounded
+    # stochastically, on every layout alike since 0.2 (0.1.0 rounded sharded ones to
+    # nearest): after 3 steps their SR noise is ~1e-2 against fp32 whatever the
+    # layout (one process, this model, seeds 3-5: 0.1.0 5e-3-1.1e-2, now 1.0e-2-1.6e-2;
+    # measured here 1.07e-2), so they get their own bound.
     for out in dist_results["case_low_precision"]:
         full, fmts, _ = out[momentum_dtype]
         assert fmts[0] == momentum_dtype  # Dion momentum; then AdamW's two moments
-        _assert_close(full, reference, 5e-3)
+        _assert_close(full, reference, 4e-3, names=MATRICES)
+        _assert_close(full, reference, 2.5e-2, names=[n for n in reference if n not in MATRICES])
     fp32_bytes = dist_results["case_fp32"][0][2]
     assert dist_results["case_low_precision"][0][momentum_dtype][2] < 0.7 * fp32_bytes
 

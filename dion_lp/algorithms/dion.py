@@ -33,7 +33,7 @@ from ..layouts.placement import Placement
 from ..options import dion_rank
 from ..orthogonalize import column_normalize
 from ..quant.buffer import QuantizedBuffer
-from ..quant.rng import rounding_generator
+from ..quant.rng import stream_key
 
 __all__ = ["DionMatrix", "dion_step_", "init_dion_state", "initial_right_factor"]
 
@@ -130,11 +130,11 @@ def init_dion_state(
 
 def read_momentum_(mat: DionMatrix) -> None:
     """B = M + G (fp32, this rank's rows; the state itself when the momentum is fp32)."""
-    B = QuantizedBuffer(mat.state, "momentum").read()
+    B = QuantizedBuffer(mat.state, "momentum").read(add=mat.place.to_rows(mat.grad))
     residual = mat.state.get("momentum_residual")
     if residual is not None:
         B = B.add_(local(residual))
-    mat.B = B.add_(mat.place.to_rows(mat.grad))
+    mat.B = B
     mat.Q = local(mat.state["Q"]).float()
 
 
@@ -181,12 +181,8 @@ def _write_momentum(mat: DionMatrix, seed: int) -> None:
     buf = QuantizedBuffer(st, "momentum")
     if buf.fmt == "fp32":
         return  # B is the state tensor itself, already updated in place
-    gen = None
-    if group["stochastic_rounding"]:
-        gen = rounding_generator(
-            seed, mat.index, st["step"], "momentum", mat.place.shard_rank, mat.B.device
-        )
-    buf.write(mat.B, stochastic=group["stochastic_rounding"], generator=gen)
+    key = stream_key(seed, mat.index, st["step"], "momentum")
+    buf.write(mat.B, stochastic=group["stochastic_rounding"], key=key, row0=mat.place.start)
     residual = st.get("momentum_residual")
     if residual is not None:  # what this write dropped, added back next step
         local(residual).copy_(mat.B - buf.read())

@@ -17,7 +17,7 @@ from ..dist.dtensor import local
 from ..layouts.placement import Placement
 from ..quant.buffer import QuantizedBuffer
 from ..quant.formats import unsigned_variant
-from ..quant.rng import rounding_generator
+from ..quant.rng import stream_key
 
 __all__ = [
     "ELEMENTWISE_STATE",
@@ -181,8 +181,6 @@ def elementwise_step_(
     for name, buf in buffers.items():
         if buf.fmt == "fp32":
             continue
-        gen = None
-        if group["stochastic_rounding"]:
-            gen = rounding_generator(seed, index, step, name, place.shard_rank, X.device)
+        key = stream_key(seed, index, step, name)
         rows = place.to_rows(bufs[name])
-        buf.write(rows, stochastic=group["stochastic_rounding"], generator=gen)
+        buf.write(rows, stochastic=group["stochastic_rounding"], key=key, row0=place.start)

@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 
 from ..dist.dtensor import local
-from . import codecs
+from . import codecs, kernels
 from .formats import format_info
+from .rng import key_tensor
 
 __all__ = [
     "BUFFER_VERSION",
@@ -78,6 +79,11 @@ def buffer_nbytes(shape: tuple[int, ...], fmt: str, block_size: int, row_dim: in
         return rows * U * info.bytes_per_element
     nb, eb = row_blocks(U, block_size)
     return rows * nb * (eb * info.bytes_per_element + 4)
+
+
+def _chunk(width: int) -> int:
+    """Block length of the unscaled formats' kernels: 256 when it divides a row, else the row."""
+    return 256 if width % 256 == 0 else width
 
 
 def row_shape(shape: tuple[int, ...], row_dim: int = 0) -> tuple[int, int]:
@@ -159,24 +165,44 @@ class QuantizedBuffer:
         scales = self.state.get(f"{self.name}_scales")
         return None if scales is None else local(scales).reshape(-1)
 
-    def read(self) -> Tensor:
-        """This rank's rows in fp32, ``(local_rows, row_numel)``.
+    def read(self, add: Tensor | None = None) -> Tensor:
+        """This rank's rows in fp32, ``(local_rows, row_numel)``, plus ``add`` if given.
 
-        For fp32 buffers this is the stored tensor itself (update it in place).
+        One fused pass (decode + add, :mod:`dion_lp.quant.kernels`). For fp32 buffers
+        this is the stored tensor itself, ``add`` added in place (update it in place).
         """
-        codes = self._codes()
+        codes, U = self._codes(), self.info["row_numel"]
         if self.fmt == "fp32":
-            return codes
-        flat = codecs.decode(
-            codes.reshape(-1), self._scales(), self.fmt, self.info["row_block"], codes.numel()
-        )
-        return flat.view(codes.shape)[:, : self.info["row_numel"]]
+            return codes if add is None else codes.add_(add)
+        if self.fmt in ("dynamic8", "udynamic8"):  # codebook lookups: the eager codec
+            flat = codecs.decode(
+                codes.reshape(-1), self._scales(), self.fmt, self.info["row_block"], codes.numel()
+            )
+            out = flat.view(codes.shape)[:, :U]
+            return out if add is None else out + add
+        k, width = codes.shape
+        eb = self.info["row_block"] if format_info(self.fmt).scaled else _chunk(U)
+        scales = self._scales()
+        if width == U and (add is None or add.is_contiguous()):  # blocks of whole rows
+            blocks_add = None if add is None else add.view(-1, eb)
+            return kernels.decode_blocks(codes.view(-1, eb), scales, blocks_add).view(k, U)
+        values = kernels.decode_blocks(codes.view(-1, eb), scales).view(k, width)[:, :U]
+        return values if add is None else values + add
 
-    def write(self, x: Tensor, *, stochastic: bool, generator: torch.Generator | None) -> None:
+    def write(self, x: Tensor, *, stochastic: bool, key: int | None = None, row0: int = 0) -> None:
         """Quantize ``x`` (``(local_rows, row_numel)``, any float dtype) into the buffer, in place.
 
+        Args:
+            x: this rank's rows.
+            stochastic: stochastic rounding (needs ``key``) instead of round-to-nearest.
+            key: the write's stream key (:func:`dion_lp.quant.rng.stream_key`).
+            row0: the global index of this rank's first row: element (i, j) rounds with
+                the bits of global index ``(row0 + i) * width + j``, so a tensor written
+                whole or as row shards gets the same bits.
+
         Raises:
-            ValueError: wrong shape, NaN/Inf in ``x``, negative ``x`` for udynamic8.
+            ValueError: wrong shape, NaN/Inf in ``x``, negative ``x`` for udynamic8, or
+                stochastic rounding without a key.
         """
         codes = self._codes()
         want = (codes.shape[0], self.info["row_numel"])
@@ -188,16 +214,23 @@ class QuantizedBuffer:
             if x.data_ptr() != codes.data_ptr() or x.stride() != codes.stride():
                 codes.copy_(x)
             return
-        if codes.shape[1] != x.shape[1]:  # pad each row to whole blocks
-            x = torch.nn.functional.pad(x.float(), (0, codes.shape[1] - x.shape[1]))
-        codecs.encode_(
-            x.reshape(-1),
-            codes.view(-1),
-            self._scales(),
-            self.fmt,
-            self.info["row_block"],
-            stochastic,
-            generator,
+        if stochastic and key is None:
+            raise ValueError(f"Invalid key: None; stochastic rounding of {self.name!r} needs one")
+        width = codes.shape[1]
+        rng = None if not stochastic else key_tensor(key, row0 * width, codes.device)
+        x = x.float()
+        if not format_info(self.fmt).scaled:
+            x = x.contiguous()
+            if codes.numel() and not codecs.all_finite(x):
+                raise ValueError(f"Invalid x: cannot encode NaN or Inf in {self.fmt}")
+            C = _chunk(width)
+            kernels.encode_bf16_(x.view(-1, C), codes.view(-1, C), stochastic, rng)
+            return
+        if width != x.shape[1]:  # pad each row to whole blocks
+            x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
+        eb = self.info["row_block"]
+        codecs.encode_blocks_(
+            x.reshape(-1), codes.view(-1), self._scales(), self.fmt, eb, stochastic, rng
         )
 
     @property

@@ -27,9 +27,10 @@ signed dynamic codebook, whose most negative entry is -0.99297 and not -1: a
 value in [-absmax, -0.99297 absmax) always rounds to that entry (as in
 bitsandbytes).
 
-Stochastic rounding draws from ``generator`` (a ``torch.Generator`` on the
-tensor's device), so the same generator state gives the same codes. With
-``generator=None`` it draws from torch's global default generator. bf16 adds
+Stochastic rounding takes counter-based random bits (:mod:`dion_lp.quant.rng`):
+element i rounds with ``hash32(key, base + i)``. The optimizer passes the key of
+each write; :func:`quantize` draws one from ``generator`` (torch's default
+generator when None), so the same generator state gives the same codes. bf16 adds
 16 random bits (exactly unbiased) and fp8 adds 20 (e4m3) or 21 (e5m2) the same
 way (exactly unbiased on normals, under 2^-20 of a step on subnormals); int8
 adds 23 random bits to a fixed-point value with 23 fraction bits (a bias under
@@ -42,23 +43,25 @@ bitsandbytes does. A block whose absmax is below ~1e-36 gets an fp32
 subnormal scale and loses relative precision (such values are zero for any
 optimizer purpose); an all-zero block stores scale 0 and decodes to zeros.
 
-Everything is computed in float32 with whole-tensor operations; the only
-Python-level branching is per call (at most two pieces per tensor: the full
+Everything is computed in float32 with whole-tensor operations; the int8, fp8
+and bf16 rounding runs as one fused kernel (:mod:`dion_lp.quant.kernels`). The
+only Python-level branching is per call (at most two pieces per tensor: the full
 blocks and a short tail block).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from . import kernels
 from .codebook import CodebookIndex, codebook_index, dynamic_map
 from .formats import FORMATS, REGISTRY, SCALE_NBYTES, SCALED_FORMATS
+from .rng import element_bits, key_tensor
 
 __all__ = [
     "FORMATS",
@@ -77,25 +80,7 @@ __all__ = [
     "scale_count",
 ]
 
-_INT8_MAX = 127.0
-_INT8_FRACTION_BITS = 23  # stochastic int8: fixed point, 127 * 2**23 < 2**31
-_BF16_MAX = torch.finfo(torch.bfloat16).max
 _BELOW_2_31 = 2.0**31 - 2.0**7  # the largest float32 below 2**31
-
-
-@dataclass(frozen=True)
-class _Fp8Grid:
-    """Layout of an fp8 format: ``max`` finite value, mantissa bits, min normal exponent."""
-
-    max: float
-    mantissa_bits: int
-    min_exponent: int
-
-
-_FP8_GRIDS = {
-    "fp8_e4m3": _Fp8Grid(max=448.0, mantissa_bits=3, min_exponent=-6),
-    "fp8_e5m2": _Fp8Grid(max=57344.0, mantissa_bits=2, min_exponent=-14),
-}
 
 
 # ---------------------------------------------------------------- validation
@@ -195,8 +180,8 @@ def quantize(
         fmt: one of :data:`FORMATS`.
         block_size: elements per scale (8-bit formats); must be >= 1.
         stochastic: unbiased stochastic rounding instead of round-to-nearest.
-        generator: random source of stochastic rounding, on ``x.device``;
-            None draws from torch's global generator.
+        generator: draws the stream key of stochastic rounding (on ``x.device``);
+            None draws it from torch's global generator.
 
     Raises:
         ValueError: invalid ``fmt`` or ``block_size``, NaN/Inf in ``x``, or a
@@ -251,31 +236,21 @@ def _pieces(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
     return pieces
 
 
-def _random_bits(
-    shape: torch.Size, mask: int, device: torch.device, generator: torch.Generator | None
-) -> Tensor:
-    """int32 tensor of ``shape`` whose bits under ``mask`` (at most 0x7FFFFFFF) are uniform.
+def _round_up(frac: Tensor, key: Tensor) -> Tensor:
+    """Bool tensor (R, C), True with probability ``frac`` (in [0, 1)) per element.
 
-    Draws one int64 per two elements (torch's full-range int64 draw has 63
-    uniform bits, bit 63 is 0) and splits it into its two 32-bit words: half the
-    generator calls of one int32 draw per element, and no float conversion.
+    Compares 31 random bits (:mod:`dion_lp.quant.rng`) with ``floor(frac * 2**31)``,
+    an integer comparison: the probability is ``frac`` less under 2^-31. A ``frac``
+    that rounding made 1.0 is clamped to the largest float32 below 2**31.
     """
-    numel = math.prod(shape)
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=device)
-    words.random_(generator=generator)
-    return words.view(torch.int32)[:numel].bitwise_and_(mask).view(shape)
+    threshold = frac.mul(2.0**31).clamp_(max=_BELOW_2_31).to(torch.int64)
+    return (element_bits(frac.shape, key) & 0x7FFFFFFF) < threshold
 
 
-def _round_up(frac: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Bool tensor, True with probability ``frac`` (in [0, 1)) per element; ``frac`` is consumed.
-
-    Compares 31 uniform random bits with ``floor(frac * 2**31)``, an integer
-    comparison: the probability is ``frac`` less under 2^-31 (frac itself is a
-    float32 with 24 significant bits). A ``frac`` that rounding made 1.0 is
-    clamped to the largest float32 below 2**31 so it still fits an int32.
-    """
-    threshold = frac.mul_(2.0**31).clamp_(max=_BELOW_2_31).to(torch.int32)
-    return _random_bits(frac.shape, 0x7FFFFFFF, frac.device, generator) < threshold
+def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """A fresh stream key drawn from ``generator`` (torch's default one when None)."""
+    words = torch.randint(0, 2**62, (1,), generator=generator, device=device)
+    return key_tensor(int(words.item()), 0, device)
 
 
 def _lookup(table: Tensor, index: Tensor) -> Tensor:
@@ -291,6 +266,8 @@ def encode_(
     block_size: int,
     stochastic: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    key: Tensor | None = None,
 ) -> None:
     """Encode ``x`` into preallocated ``codes_out`` / ``scales_out`` (in place).
 
@@ -303,7 +280,10 @@ def encode_(
         fmt: one of :data:`FORMATS`.
         block_size: elements per scale; must be >= 1.
         stochastic: unbiased stochastic rounding instead of round-to-nearest.
-        generator: random source of stochastic rounding, on ``x.device``.
+        generator: draws the stream key of stochastic rounding when ``key`` is None
+            (torch's default generator when both are None).
+        key: (3,) int64 stream key (:func:`dion_lp.quant.rng.key_tensor`): element i
+            of ``x`` rounds with the bits of global index ``key[2] + i``.
 
     Raises:
         ValueError: invalid arguments, buffer sizes, NaN/Inf in ``x``, or a
@@ -316,32 +296,50 @@ def encode_(
     codes = _as_codes(codes_out, fmt).view(-1)
     if codes.numel() != n:
         raise ValueError(f"Invalid codes_out: {codes.numel()} codes for {n} elements")
+    if stochastic and key is None and fmt != "fp32":
+        key = _draw_key(generator, x.device)
     if fmt not in SCALED_FORMATS:
-        if n and not _all_finite(x):
+        if n and not all_finite(x):
             raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
         if fmt == "fp32":
             codes.copy_(x)
         else:
-            _encode_bf16(x, codes, stochastic, generator)
+            C = 256 if n % 256 == 0 else n
+            kernels.encode_bf16_(x.view(-1, C), codes.view(-1, C), stochastic, key)
         return
     scales = _checked_scales(scales_out, scale_count(n, block_size, fmt), "scales_out")
     if n == 0:
         return
-    _block_absmax_(x, scales, block_size)
-    if not bool(torch.isfinite(scales).all()):
-        raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
+    encode_blocks_(x, codes, scales, fmt, block_size, stochastic, key)
+
+
+def encode_blocks_(
+    x: Tensor,  # (n,) fp32
+    codes: Tensor,  # (n,) in fmt's code dtype
+    scales: Tensor,  # (ceil(n / block_size),) fp32
+    fmt: str,
+    block_size: int,
+    stochastic: bool,
+    key: Tensor | None,
+) -> None:
+    """Blocks of a scaled format: absmax checked first, then one fused kernel per run."""
+    n = x.numel()
+    pieces = []
+    for start, stop, block0, rows in _pieces(n, block_size):
+        xb, cb = x[start:stop].view(rows, -1), codes[start:stop].view(rows, -1)
+        kb = None if key is None else key + torch.tensor([0, 0, start], device=key.device)
+        absmax = kernels.absmax_blocks(xb)
+        if not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
+        pieces.append((xb, cb, scales[block0 : block0 + rows], absmax, kb))
     if fmt == "udynamic8" and bool(x.amin() < 0):
         raise ValueError("Invalid x: udynamic8 encodes non-negative values only")
-    for start, stop, block0, rows in _pieces(n, block_size):
-        xb = x[start:stop].view(rows, -1)
-        cb = codes[start:stop].view(rows, -1)
-        sb = scales[block0 : block0 + rows]
-        if fmt == "int8":
-            _encode_int8(xb, cb, sb, stochastic, generator)
-        elif fmt in _FP8_GRIDS:
-            _encode_fp8(xb, cb, sb, _FP8_GRIDS[fmt], stochastic, generator)
+    for xb, cb, sb, absmax, kb in pieces:
+        if fmt in ("dynamic8", "udynamic8"):
+            sb.copy_(absmax)
+            _encode_dynamic(xb, cb, sb, codebook_index(fmt, x.device), stochastic, kb)
         else:
-            _encode_dynamic(xb, cb, sb, codebook_index(fmt, x.device), stochastic, generator)
+            kernels.encode_scaled_(xb, cb, sb, absmax, fmt, stochastic, kb)
 
 
 def decode(
@@ -400,93 +398,9 @@ def _e4m3_table() -> Tensor:
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
-def _all_finite(x: Tensor) -> bool:
+def all_finite(x: Tensor) -> bool:
     """No NaN/Inf in ``x``: a finite sum proves it (one cheap pass); else check exactly."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-def _block_absmax_(x: Tensor, absmax_out: Tensor, block_size: int) -> None:
-    """absmax_out[b] = max |x| over block b (NaN/Inf propagate)."""
-    for start, stop, block0, rows in _pieces(x.numel(), block_size):
-        xb = x[start:stop].view(rows, -1)
-        torch.amax(xb.abs(), dim=1, out=absmax_out[block0 : block0 + rows])
-
-
-def _encode_bf16(
-    x: Tensor, codes: Tensor, stochastic: bool, generator: torch.Generator | None
-) -> None:
-    """bf16 codes of fp32 ``x``; saturates at the bf16 max.
-
-    Stochastic: add 16 uniform random bits below the bf16 mantissa of the fp32
-    bit pattern and truncate them. Sign-magnitude layout makes this round the
-    magnitude up with probability (distance to the lower bf16) / (bf16 ulp).
-    """
-    x = x.clamp(-_BF16_MAX, _BF16_MAX)
-    if stochastic:
-        noise = _random_bits(x.shape, 0xFFFF, x.device, generator)
-        # bits = (bits(x) + noise) & 0xFFFF0000 ; never carries into the sign bit
-        x = noise.add_(x.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
-    codes.copy_(x)
-
-
-def _encode_int8(
-    xb: Tensor,  # (rows, cols) fp32 blocks
-    codes: Tensor,  # (rows, cols) int8, written
-    scales: Tensor,  # (rows,) absmax on entry, absmax / 127 on exit
-    stochastic: bool,
-    generator: torch.Generator | None,
-) -> None:
-    scales.div_(_INT8_MAX)
-    y = xb / torch.where(scales > 0, scales, 1.0)[:, None]
-    y.clamp_(-_INT8_MAX, _INT8_MAX)
-    if stochastic:
-        # Fixed point with 23 fraction bits (|y| <= 127 fits an int32): adding 23
-        # uniform random bits and shifting them out (a floor, also for negatives)
-        # rounds up with probability frac(y). The float -> int32 truncation drops
-        # bits below 2^-23 of a step: a bias under 2^-23 of a step.
-        fixed = y.mul_(2.0**_INT8_FRACTION_BITS).to(torch.int32)
-        noise = _random_bits(fixed.shape, (1 << _INT8_FRACTION_BITS) - 1, y.device, generator)
-        codes.copy_(fixed.add_(noise).bitwise_right_shift_(_INT8_FRACTION_BITS))
-    else:
-        codes.copy_(y.round_())
-
-
-def _fp8_round_stochastic(y: Tensor, grid: _Fp8Grid, generator: torch.Generator | None) -> Tensor:
-    """Stochastic rounding of fp32 ``y`` (|y| <= grid.max) onto the fp8 grid, exactly.
-
-    Normal range: an fp8 value is an fp32 whose low ``23 - mantissa_bits`` bits
-    are zero, so adding that many uniform random bits to the bit pattern of
-    |y| and clearing them rounds the magnitude up with probability (|y| - lo) /
-    (hi - lo), the carry stepping into the next binade where it must (as for
-    bf16). Subnormals are spaced like the min normal binade: |y| below
-    2**min_exponent is shifted into that binade by adding 2**min_exponent,
-    rounded there, and shifted back (exact; the shift drops bits below 2^-23 of
-    the binade, a bias under 2^-20 of a grid step). |y| <= max stays <= max.
-    """
-    drop = 23 - grid.mantissa_bits
-    offset = 2.0**grid.min_exponent
-    a = y.abs()
-    shift = torch.where(a < offset, offset, 0.0)  # offset for subnormals, else 0
-    bits = a.add_(shift).view(torch.int32)
-    bits.add_(_random_bits(y.shape, (1 << drop) - 1, y.device, generator))
-    bits.bitwise_and_(-(1 << drop))
-    return bits.view(torch.float32).sub_(shift).copysign_(y)
-
-
-def _encode_fp8(
-    xb: Tensor,  # (rows, cols) fp32 blocks
-    codes: Tensor,  # (rows, cols) fp8, written
-    scales: Tensor,  # (rows,) absmax on entry, absmax / max on exit
-    grid: _Fp8Grid,
-    stochastic: bool,
-    generator: torch.Generator | None,
-) -> None:
-    scales.div_(grid.max)
-    y = xb / torch.where(scales > 0, scales, 1.0)[:, None]
-    y.clamp_(-grid.max, grid.max)
-    if stochastic:
-        y = _fp8_round_stochastic(y, grid, generator)
-    codes.copy_(y)  # exact after stochastic rounding; round-to-nearest-even otherwise
 
 
 def _encode_dynamic(
@@ -495,7 +409,7 @@ def _encode_dynamic(
     scales: Tensor,  # (rows,) absmax, kept
     index: CodebookIndex,
     stochastic: bool,
-    generator: torch.Generator | None,
+    key: Tensor | None,
 ) -> None:
     # v = x * (1 / absmax), clamped to [-1, 1] (as bitsandbytes normalises)
     inv = torch.where(scales > 0, scales, 1.0).reciprocal_()
@@ -512,4 +426,4 @@ def _encode_dynamic(
     lo_val = _lookup(index.book, lo)
     gap = _lookup(index.book, hi).sub_(lo_val)
     p = (v - lo_val).div_(torch.where(gap > 0, gap, 1.0)).masked_fill_(gap <= 0, 0.0)
-    codes.copy_(lo.add_(_round_up(p, generator)))
+    codes.copy_(lo.add_(_round_up(p, key)))

@@ -1,0 +1,112 @@
+"""The rounding of each format, as pure tensor functions that ``torch.compile`` fuses.
+
+Every function here takes fp32 values and returns codes; random bits come from
+:mod:`dion_lp.quant.rng` (a pure function of the key and each element's global
+index), so the same code runs eagerly, as Inductor's vectorised C++ on a CPU and
+as Triton on CUDA, with the same results. :mod:`dion_lp.quant.kernels` compiles
+them; :mod:`dion_lp.quant.codecs` calls them.
+
+Stochastic rounding is exactly unbiased for bf16 (16 random bits below its
+mantissa) and for fp8 on normals (20 / 21 bits); int8 adds 23 random bits to a
+fixed-point value with 23 fraction bits (a bias under 2^-23 of a step); fp8
+subnormals are shifted into the lowest normal binade first (a bias under 2^-20
+of a grid step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .rng import element_bits
+
+__all__ = ["FP8_GRIDS", "Fp8Grid", "bf16_codes", "scaled_codes"]
+
+INT8_MAX = 127.0
+_INT8_FRACTION_BITS = 23  # stochastic int8: fixed point, 127 * 2**23 < 2**31
+_BF16_MAX = torch.finfo(torch.bfloat16).max
+
+
+@dataclass(frozen=True)
+class Fp8Grid:
+    """Layout of an fp8 format: ``max`` finite value, mantissa bits, min normal exponent."""
+
+    max: float
+    mantissa_bits: int
+    min_exponent: int
+
+
+FP8_GRIDS = {
+    "fp8_e4m3": Fp8Grid(max=448.0, mantissa_bits=3, min_exponent=-6),
+    "fp8_e5m2": Fp8Grid(max=57344.0, mantissa_bits=2, min_exponent=-14),
+}
+_CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def bf16_codes(x: Tensor, stochastic: bool, key: Tensor | None) -> Tensor:
+    """bf16 codes of finite fp32 ``x`` (R, C); saturates at the bf16 max.
+
+    Stochastic: add 16 random bits below the bf16 mantissa of the fp32 bit pattern
+    and truncate them. The sign-magnitude layout makes this round the magnitude up
+    with probability (distance to the lower bf16) / (bf16 ulp). (An integer-only
+    version without the bitcast measured 2.4x slower under Inductor on a CPU.)
+    """
+    x = x.clamp(-_BF16_MAX, _BF16_MAX)
+    if stochastic:
+        noise = (element_bits(x.shape, key) & 0xFFFF).to(torch.int32)
+        # bits = (bits(x) + noise) & 0xFFFF0000 ; never carries into the sign bit
+        x = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return x.to(torch.bfloat16)
+
+
+def scaled_codes(
+    x: Tensor,  # (R, C) fp32: R blocks of C elements
+    absmax: Tensor,  # (R,) fp32, finite
+    fmt: str,  # "int8", "fp8_e4m3" or "fp8_e5m2"
+    stochastic: bool,
+    key: Tensor | None,  # (3,) int64, see rng.key_tensor; base = global index of x[0, 0]
+) -> tuple[Tensor, Tensor]:
+    """(codes (R, C) in fmt's code dtype, scales (R,) fp32) of one block per row of ``x``.
+
+    ``scale = absmax / max(fmt)``; codes round ``x / scale`` (nearest even, or
+    stochastically); a zero block keeps scale 0 and zero codes.
+    """
+    top = INT8_MAX if fmt == "int8" else FP8_GRIDS[fmt].max
+    scales = absmax / top
+    y = x / torch.where(scales > 0, scales, 1.0)[:, None]
+    y = y.clamp(-top, top)
+    if fmt == "int8":
+        if stochastic:
+            # Fixed point with 23 fraction bits (|y| <= 127 fits an int32): adding 23
+            # random bits and shifting them out (a floor, also for negatives) rounds up
+            # with probability frac(y).
+            fixed = (y * 2.0**_INT8_FRACTION_BITS).to(torch.int32)
+            noise = (element_bits(y.shape, key) & ((1 << _INT8_FRACTION_BITS) - 1)).to(torch.int32)
+            codes = ((fixed + noise) >> _INT8_FRACTION_BITS).to(torch.int8)
+        else:
+            codes = y.round().to(torch.int8)
+        return codes, scales
+    if stochastic:
+        y = _fp8_round_stochastic(y, FP8_GRIDS[fmt], key)
+    return y.to(_CODE_DTYPES[fmt]), scales  # exact after SR; nearest-even otherwise
+
+
+def _fp8_round_stochastic(y: Tensor, grid: Fp8Grid, key: Tensor | None) -> Tensor:
+    """Stochastic rounding of fp32 ``y`` (|y| <= grid.max) onto the fp8 grid, exactly.
+
+    Normal range: an fp8 value is an fp32 whose low ``23 - mantissa_bits`` bits are
+    zero, so adding that many random bits to the bit pattern of |y| and clearing
+    them rounds the magnitude up with probability (|y| - lo) / (hi - lo), the
+    carry stepping into the next binade where it must. Subnormals are spaced like
+    the min normal binade: |y| below 2**min_exponent is shifted into that binade by
+    adding 2**min_exponent, rounded there, and shifted back (exact).
+    """
+    drop = 23 - grid.mantissa_bits
+    offset = 2.0**grid.min_exponent
+    a = y.abs()
+    shift = torch.where(a < offset, offset, 0.0)
+    noise = (element_bits(y.shape, key) & ((1 << drop) - 1)).to(torch.int32)
+    bits = ((a + shift).view(torch.int32) + noise) & -(1 << drop)
+    return (bits.view(torch.float32) - shift).copysign(y)
