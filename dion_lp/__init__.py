@@ -3,13 +3,12 @@
 The whole public API is declared here; every other module is internal.
 """
 
-from . import quant
+from . import hooks, quant
 from .checkpoint import dcp_state_dict, load_dcp_state_dict, upgrade_state_dict
-from .ddp import hooks
-from .ddp.hooks import register_ddp
 from .dist.collectives import CollectiveError
 from .gradients import NonFiniteGradientError
 from .groups import param_groups
+from .hooks import register_ddp
 from .optimizer import Dion
 
 __all__ = [

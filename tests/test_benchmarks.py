@@ -173,7 +173,9 @@ def test_dion_modes():
     assert _rows.dion_modes(_rows.BuildContext(world_size=1)) == ("none",)
     assert _rows.dion_modes(_rows.BuildContext(world_size=2, dion_comm="ddp")) == ("ddp",)
     auto = _rows.dion_modes(_rows.BuildContext(world_size=2))
-    assert auto[-2:] == ("sync", "ddp") and set(auto) <= {"hook", "sync", "ddp"}
+    # this dion_lp has the hook: the main job's Dion rows run under DDP with it (a
+    # silent fall back to "sync" once hid a moved module)
+    assert auto == ("hook", "sync", "ddp")
 
 
 def test_lr_schedule_warms_up_then_decays():
