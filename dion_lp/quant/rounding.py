@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .formats import REGISTRY
 from .rng import element_bits
 
 __all__ = ["FP8_GRIDS", "Fp8Grid", "bf16_codes", "scaled_codes"]
@@ -42,7 +43,6 @@ FP8_GRIDS = {
     "fp8_e4m3": Fp8Grid(max=448.0, mantissa_bits=3, min_exponent=-6),
     "fp8_e5m2": Fp8Grid(max=57344.0, mantissa_bits=2, min_exponent=-14),
 }
-_CODE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def bf16_codes(x: Tensor, stochastic: bool, key: Tensor | None) -> Tensor:
@@ -90,7 +90,7 @@ def scaled_codes(
         return codes, scales
     if stochastic:
         y = _fp8_round_stochastic(y, FP8_GRIDS[fmt], key)
-    return y.to(_CODE_DTYPES[fmt]), scales  # exact after SR; nearest-even otherwise
+    return y.to(REGISTRY[fmt].code_dtype), scales  # exact after SR; nearest-even otherwise
 
 
 def _fp8_round_stochastic(y: Tensor, grid: Fp8Grid, key: Tensor | None) -> Tensor:
