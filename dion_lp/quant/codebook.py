@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CodebookIndex", "codebook_index", "dynamic_map"]
+from .rng import element_bits
+
+__all__ = ["CodebookIndex", "codebook_index", "dynamic_map", "encode_dynamic"]
 
 
 def dynamic_map(signed: bool = True) -> Tensor:
@@ -135,3 +137,51 @@ def codebook_index(fmt: str, device: torch.device) -> CodebookIndex:
         index = CodebookIndex(shift=index.shift, **tensors)
         _CODEBOOK_INDEXES[key] = index
     return index
+
+
+# ------------------------------------------------------------------- encoding
+_BELOW_2_31 = 2.0**31 - 2.0**7  # the largest float32 below 2**31
+
+
+def _lookup(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index]`` for an int32 ``index`` of any shape (index_select: the fast gather)."""
+    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+
+def _round_up(frac: Tensor, key: Tensor) -> Tensor:
+    """Bool tensor (R, C), True with probability ``frac`` (in [0, 1)) per element.
+
+    Compares 31 random bits (:mod:`dion_lp.quant.rng`) with ``floor(frac * 2**31)``,
+    an integer comparison: the probability is ``frac`` less under 2^-31. A ``frac``
+    that rounding made 1.0 is clamped to the largest float32 below 2**31.
+    """
+    threshold = frac.mul(2.0**31).clamp_(max=_BELOW_2_31).to(torch.int64)
+    return (element_bits(frac.shape, key) & 0x7FFFFFFF) < threshold
+
+
+def encode_dynamic(
+    xb: Tensor,  # (rows, cols) fp32 blocks
+    codes: Tensor,  # (rows, cols) uint8, written
+    scales: Tensor,  # (rows,) absmax, kept
+    index: CodebookIndex,
+    stochastic: bool,
+    key: Tensor | None,
+) -> None:
+    """Codes of blocks of ``xb`` in a dynamic codebook (nearest, ties to the lower code,
+    or stochastic with the bits of ``key``); ``scales`` hold the blocks' absmax."""
+    # v = x * (1 / absmax), clamped to [-1, 1] (as bitsandbytes normalises)
+    inv = torch.where(scales > 0, scales, 1.0).reciprocal_()
+    v = (xb * inv[:, None]).clamp_(-1.0, 1.0)
+    bucket = index.buckets(v)
+    if not stochastic:
+        # nearest code, ties to the lower one
+        up = v > _lookup(index.threshold, bucket)
+        codes.copy_(_lookup(index.nearest, bucket).add_(up))
+        return
+    # book[lo] <= v < book[lo + 1]; round up with probability (v - book[lo]) / gap
+    lo = _lookup(index.below, bucket).add_(v >= _lookup(index.next_code, bucket))
+    hi = (lo + 1).clamp_(max=index.book.numel() - 1)
+    lo_val = _lookup(index.book, lo)
+    gap = _lookup(index.book, hi).sub_(lo_val)
+    p = (v - lo_val).div_(torch.where(gap > 0, gap, 1.0)).masked_fill_(gap <= 0, 0.0)
+    codes.copy_(lo.add_(_round_up(p, key)))

@@ -59,9 +59,9 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .codebook import CodebookIndex, codebook_index, dynamic_map
+from .codebook import codebook_index, dynamic_map, encode_dynamic
 from .formats import FORMATS, REGISTRY, SCALE_NBYTES, SCALED_FORMATS
-from .rng import element_bits, key_tensor
+from .rng import key_tensor
 
 __all__ = [
     "FORMATS",
@@ -79,8 +79,6 @@ __all__ = [
     "quantize",
     "scale_count",
 ]
-
-_BELOW_2_31 = 2.0**31 - 2.0**7  # the largest float32 below 2**31
 
 
 # ---------------------------------------------------------------- validation
@@ -236,26 +234,10 @@ def _pieces(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
     return pieces
 
 
-def _round_up(frac: Tensor, key: Tensor) -> Tensor:
-    """Bool tensor (R, C), True with probability ``frac`` (in [0, 1)) per element.
-
-    Compares 31 random bits (:mod:`dion_lp.quant.rng`) with ``floor(frac * 2**31)``,
-    an integer comparison: the probability is ``frac`` less under 2^-31. A ``frac``
-    that rounding made 1.0 is clamped to the largest float32 below 2**31.
-    """
-    threshold = frac.mul(2.0**31).clamp_(max=_BELOW_2_31).to(torch.int64)
-    return (element_bits(frac.shape, key) & 0x7FFFFFFF) < threshold
-
-
 def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:
     """A fresh stream key drawn from ``generator`` (torch's default one when None)."""
     words = torch.randint(0, 2**62, (1,), generator=generator, device=device)
     return key_tensor(int(words.item()), 0, device)
-
-
-def _lookup(table: Tensor, index: Tensor) -> Tensor:
-    """``table[index]`` for an int32 ``index`` of any shape (index_select: the fast gather)."""
-    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
 
 
 def encode_(
@@ -337,7 +319,7 @@ def encode_blocks_(
     for xb, cb, sb, absmax, kb in pieces:
         if fmt in ("dynamic8", "udynamic8"):
             sb.copy_(absmax)
-            _encode_dynamic(xb, cb, sb, codebook_index(fmt, x.device), stochastic, kb)
+            encode_dynamic(xb, cb, sb, codebook_index(fmt, x.device), stochastic, kb)
         else:
             kernels.encode_scaled_(xb, cb, sb, absmax, fmt, stochastic, kb)
 
@@ -401,29 +383,3 @@ def _e4m3_table() -> Tensor:
 def all_finite(x: Tensor) -> bool:
     """No NaN/Inf in ``x``: a finite sum proves it (one cheap pass); else check exactly."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
-def _encode_dynamic(
-    xb: Tensor,  # (rows, cols) fp32 blocks
-    codes: Tensor,  # (rows, cols) uint8, written
-    scales: Tensor,  # (rows,) absmax, kept
-    index: CodebookIndex,
-    stochastic: bool,
-    key: Tensor | None,
-) -> None:
-    # v = x * (1 / absmax), clamped to [-1, 1] (as bitsandbytes normalises)
-    inv = torch.where(scales > 0, scales, 1.0).reciprocal_()
-    v = (xb * inv[:, None]).clamp_(-1.0, 1.0)
-    bucket = index.buckets(v)
-    if not stochastic:
-        # nearest code, ties to the lower one
-        up = v > _lookup(index.threshold, bucket)
-        codes.copy_(_lookup(index.nearest, bucket).add_(up))
-        return
-    # book[lo] <= v < book[lo + 1]; round up with probability (v - book[lo]) / gap
-    lo = _lookup(index.below, bucket).add_(v >= _lookup(index.next_code, bucket))
-    hi = (lo + 1).clamp_(max=index.book.numel() - 1)
-    lo_val = _lookup(index.book, lo)
-    gap = _lookup(index.book, hi).sub_(lo_val)
-    p = (v - lo_val).div_(torch.where(gap > 0, gap, 1.0)).masked_fill_(gap <= 0, 0.0)
-    codes.copy_(lo.add_(_round_up(p, key)))
