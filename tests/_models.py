@@ -1,4 +1,4 @@
-"""Small models the hook tests share."""
+"""Small models several test modules share."""
 
 from __future__ import annotations
 
@@ -20,3 +20,15 @@ class EmbedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.hidden(self.emb(x))))
+
+
+# every momentum format the optimizer stores (the registry's state formats)
+MOMENTUM_FORMATS = ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8"]
+
+
+def small_mlp(seed: int = 0, hidden: int = 128) -> nn.Sequential:
+    """Two Dion matrices (96 -> hidden -> 80), a LayerNorm and a thin head, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(96, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, 80), nn.Linear(80, 3)
+    )

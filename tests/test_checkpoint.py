@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from _dist import spawn_fixture
+from _models import MOMENTUM_FORMATS, small_mlp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -27,14 +28,8 @@ from dion_lp import dcp_state_dict, load_dcp_state_dict
 
 dist_results = spawn_fixture(__name__, world_sizes=(2,))
 
-FORMATS = ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8"]
-
-
-def _model(seed=0, hidden=128):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(96, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, 80), nn.Linear(80, 3)
-    )
+FORMATS = MOMENTUM_FORMATS
+_model = small_mlp
 
 
 def _opt(model, momentum_dtype, residual=False, seed=5):

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import spawn_fixture
+from _models import MOMENTUM_FORMATS, small_mlp
 from torch import nn
 
 import dion_lp
@@ -27,14 +28,8 @@ from dion_lp.options import HYPERPARAMETERS
 
 dist_results = spawn_fixture(__name__, world_sizes=(2,))
 
-FORMATS = ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8"]
-
-
-def _model(seed=0, hidden=128):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(96, hidden), nn.LayerNorm(hidden), nn.Linear(hidden, 80), nn.Linear(80, 3)
-    )
+FORMATS = MOMENTUM_FORMATS
+_model = small_mlp
 
 
 def _opt(model, fmt="fp32", named=False, **kw):
