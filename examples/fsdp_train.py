@@ -40,14 +40,15 @@ Determinism. The batch of step ``s`` is a pure function of ``s`` and the seed,
 ``--global-batch`` sequences split over however many ranks run, and the learning
 rate a function of ``s`` only. On the same number of ranks a resumed run ends
 with the uninterrupted run's parameters bit for bit, with nearest and with
-stochastic rounding alike: sharded stochastic rounding re-seeds its generator each
-step from (seed, parameter, step, shard rank), so there is no generator state to
-lose. On another number of ranks the run goes on from the same state, but float
-sums are taken in another order (and stochastic rounding draws other numbers, equal
-in distribution; a single rank sends nothing, so it never rounds factors to
-``--comm-dtype``), so it ends close to, not equal to, the uninterrupted run. (The
-attention key biases are the exception: softmax ignores them, so their exact
-gradient is zero and Lion follows the sign of rounding noise, +-lr per step.)
+stochastic rounding alike: its random bits are a function of (seed, parameter,
+step) and each element's global index, so there is no generator state to lose.
+On another number of ranks the run goes on from the same state, but float sums
+are taken in another order (stochastic rounding draws the same bits for the same
+elements, but the values it rounds differ in their last bits; a single rank sends
+nothing, so it never rounds factors to ``--comm-dtype``), so it ends close to,
+not equal to, the uninterrupted run. (The attention key biases are the exception:
+softmax ignores them, so their exact gradient is zero and Lion follows the sign of
+rounding noise, +-lr per step.)
 
 The full model is built on every rank (seeded identically) before ``fully_shard``
 splits it, which suits a small model; a large one would be built on the ``meta``
