@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rounding import bf16_codes, scaled_codes
+from .rounding import bf16_codes, bf16_rounded_bits, scaled_codes
 
 __all__ = [
     "absmax_blocks",
@@ -126,10 +126,31 @@ def _encode_bf16(x: Tensor, codes: Tensor, stochastic: bool, key: Tensor | None)
     codes.copy_(bf16_codes(x, stochastic, key))
 
 
+def _bf16_bits(bits: Tensor, out: Tensor, key: Tensor | None) -> None:
+    out.copy_(bf16_rounded_bits(bits, key))
+
+
 def encode_bf16_(x: Tensor, codes: Tensor, stochastic: bool, key: Tensor | None) -> None:
-    """bf16 codes of finite fp32 ``x`` (R, C) into ``codes`` (R, C), in one fused kernel."""
-    name = f"encode_bf16_{'sr' if stochastic else 'rn'}"
-    _run(name, _encode_bf16, (x, codes), x, codes, stochastic, key)
+    """bf16 codes of finite fp32 ``x`` (R, C) into ``codes`` (R, C).
+
+    Nearest: one fused kernel. Stochastic: an integer-only kernel on the bit patterns
+    (free views taken outside it), then the exact cast into ``codes``.
+    """
+    if not stochastic or not (_enabled and min(x.shape) >= 2):
+        _run(
+            f"encode_bf16_{'sr' if stochastic else 'rn'}",
+            _encode_bf16,
+            (x, codes),
+            x,
+            codes,
+            stochastic,
+            key,
+        )
+        return
+    bits = x.contiguous().view(torch.int32)
+    out = torch.empty_like(bits)
+    _run("encode_bf16_sr_bits", _bf16_bits, (bits, out), bits, out, key)
+    codes.copy_(out.view(torch.float32))
 
 
 def _decode(codes: Tensor, scales: Tensor | None, add: Tensor | None) -> Tensor:

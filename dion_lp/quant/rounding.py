@@ -23,11 +23,12 @@ from torch import Tensor
 from .formats import REGISTRY
 from .rng import element_bits
 
-__all__ = ["FP8_GRIDS", "Fp8Grid", "bf16_codes", "scaled_codes"]
+__all__ = ["FP8_GRIDS", "Fp8Grid", "bf16_codes", "bf16_rounded_bits", "scaled_codes"]
 
 INT8_MAX = 127.0
 _INT8_FRACTION_BITS = 23  # stochastic int8: fixed point, 127 * 2**23 < 2**31
 _BF16_MAX = torch.finfo(torch.bfloat16).max
+_BF16_MAX_BITS = 0x7F7F0000  # its fp32 bit pattern
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,27 @@ FP8_GRIDS = {
 def bf16_codes(x: Tensor, stochastic: bool, key: Tensor | None) -> Tensor:
     """bf16 codes of finite fp32 ``x`` (R, C); saturates at the bf16 max.
 
-    Stochastic: add 16 random bits below the bf16 mantissa of the fp32 bit pattern
-    and truncate them. The sign-magnitude layout makes this round the magnitude up
-    with probability (distance to the lower bf16) / (bf16 ulp). (An integer-only
-    version without the bitcast measured 2.4x slower under Inductor on a CPU.)
+    Stochastic: :func:`bf16_rounded_bits` on the bit pattern, then an exact cast.
     """
-    x = x.clamp(-_BF16_MAX, _BF16_MAX)
     if stochastic:
-        noise = (element_bits(x.shape, key) & 0xFFFF).to(torch.int32)
-        # bits = (bits(x) + noise) & 0xFFFF0000 ; never carries into the sign bit
-        x = ((x.view(torch.int32) + noise) & -65536).view(torch.float32)
-    return x.to(torch.bfloat16)
+        return bf16_rounded_bits(x.view(torch.int32), key).view(torch.float32).to(torch.bfloat16)
+    return x.clamp(-_BF16_MAX, _BF16_MAX).to(torch.bfloat16)
+
+
+def bf16_rounded_bits(bits: Tensor, key: Tensor | None) -> Tensor:
+    """Stochastic rounding to bf16 on fp32 bit patterns (int32 in, int32 out), integers only.
+
+    Add 16 random bits below the bf16 mantissa of the magnitude and truncate them:
+    the sign-magnitude layout makes this round the magnitude up with probability
+    (distance to the lower bf16) / (bf16 ulp). Magnitudes above the bf16 max are
+    first clamped to it (saturation). The result has its low 16 bits zero, so its
+    cast to bf16 is exact. Integer-only, because Inductor does not vectorise a
+    bitcast inside a kernel on a CPU (the bitcasts are free views outside it): 2x
+    faster here than the same rounding with the bitcast inside.
+    """
+    noise = (element_bits(bits.shape, key) & 0xFFFF).to(torch.int32)
+    magnitude = torch.clamp(bits & 0x7FFFFFFF, max=_BF16_MAX_BITS)
+    return ((magnitude + noise) & -65536) | (bits & -(2**31))
 
 
 def scaled_codes(
