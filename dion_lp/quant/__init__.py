@@ -1,42 +1,14 @@
 """Number formats and codecs: the registry (:mod:`.formats`), pure-function codecs
-(:mod:`.codecs`), the quantized state buffer (:mod:`.buffer`) and the random bits of
-stochastic rounding (:mod:`.rng`).
+(:mod:`.codecs`), the rounding of each format (:mod:`.rounding`) and its compiled
+kernels (:mod:`.kernels`), the quantized state buffer (:mod:`.buffer`) and the
+counter-based random bits of stochastic rounding (:mod:`.rng`).
 
 The public surface is the codecs' (``quantize`` / ``dequantize`` and the low-level
-``encode_`` / ``decode``) and the format registry.
+``encode_`` / ``decode``) and the format registry's names.
 """
 
-from .codecs import (
-    QuantizedTensor,
-    bytes_per_element,
-    check_block_size,
-    check_format,
-    code_dtype,
-    decode,
-    dequantize,
-    dynamic_map,
-    encode_,
-    encoded_nbytes,
-    quantize,
-    scale_count,
-)
-from .formats import FORMATS, MOMENTUM_FORMATS, SCALED_FORMATS, WIRE_FORMATS
+from . import codecs
+from .codecs import *  # noqa: F403  (exactly codecs.__all__)
+from .formats import MOMENTUM_FORMATS, WIRE_FORMATS
 
-__all__ = [
-    "FORMATS",
-    "MOMENTUM_FORMATS",
-    "SCALED_FORMATS",
-    "WIRE_FORMATS",
-    "QuantizedTensor",
-    "bytes_per_element",
-    "check_block_size",
-    "check_format",
-    "code_dtype",
-    "decode",
-    "dequantize",
-    "dynamic_map",
-    "encode_",
-    "encoded_nbytes",
-    "quantize",
-    "scale_count",
-]
+__all__ = [*codecs.__all__, "MOMENTUM_FORMATS", "WIRE_FORMATS"]
