@@ -30,7 +30,13 @@ from .algorithms.elementwise import ELEMENTWISE_STATE, init_elementwise_state, s
 from .dist.accounting import CommStats
 from .dist.dtensor import is_sharded
 from .layouts.placement import placement
-from .options import HYPERPARAMETERS, check_seed, dion_rank, validate_group
+from .options import (
+    ADDED_HYPERPARAMETERS,
+    HYPERPARAMETERS,
+    check_seed,
+    dion_rank,
+    validate_group,
+)
 from .quant.buffer import QuantizedBuffer
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "init_state",
     "load_dcp_state_dict",
     "upgrade_state_dict",
+    "with_added_hyperparameters",
 ]
 
 # Group keys that decide the layout of the stored state: they must match.
@@ -52,6 +59,16 @@ LAYOUT_KEYS = (
     "rank_multiple_of",
     "momentum_residual",
 )
+
+
+def with_added_hyperparameters(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (shallow copy) whose groups have every key added since their format's
+    release (:data:`dion_lp.options.ADDED_HYPERPARAMETERS`), with the value they ran with."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list):
+        return state_dict  # check_loadable names what is wrong
+    filled = [{**ADDED_HYPERPARAMETERS, **g} if isinstance(g, dict) else g for g in groups]
+    return {**state_dict, "param_groups": filled}
 
 
 def check_loadable(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> None:

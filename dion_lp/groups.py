@@ -195,6 +195,12 @@ def check_param(p: Tensor, group: dict[str, Any], i: int) -> None:
         raise ValueError(
             f"Invalid parameter {param_name(group, i)}: dtype {p.dtype} is not floating"
         )
+    if group["weight_rounding"] == "stochastic" and p.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"Invalid parameter {param_name(group, i)}: dtype {p.dtype} with "
+            "weight_rounding='stochastic', which rounds into bfloat16 (float32 parameters "
+            "need no rounding); use bfloat16 or float32 parameters, or weight_rounding='nearest'"
+        )
     if group["algorithm"] != "dion":
         return
     if p.ndim != 2:

@@ -55,6 +55,11 @@ class Dion(torch.optim.Optimizer):
         comm_dtype: wire format of the factor exchange: "fp32", "bf16",
             "fp8_e4m3", "fp8_e5m2".
         stochastic_rounding: round low-precision state stochastically (unbiased).
+        weight_rounding: how an update is written into a bf16 parameter:
+            ``"nearest"`` (default; updates under half a bf16 step are lost) or
+            ``"stochastic"`` (unbiased: kept in expectation; the random bits of
+            the state codecs, so resume stays exact). fp32 parameters are
+            updated exactly either way; float16 ones only with "nearest".
         momentum_residual: keep what rounding the momentum dropped in a bf16
             buffer and add it back next step (an ablation of SR alone).
         block_size: quantization block of the 8-bit states (elements per scale
@@ -94,6 +99,7 @@ class Dion(torch.optim.Optimizer):
         momentum_dtype: str = "fp32",
         comm_dtype: str = "fp32",
         stochastic_rounding: bool = True,
+        weight_rounding: str = "nearest",
         momentum_residual: bool = False,
         block_size: int = 256,
         process_group: Any = None,
@@ -113,6 +119,7 @@ class Dion(torch.optim.Optimizer):
             momentum_dtype=momentum_dtype,
             comm_dtype=comm_dtype,
             stochastic_rounding=stochastic_rounding,
+            weight_rounding=weight_rounding,
             momentum_residual=momentum_residual,
             block_size=block_size,
             algorithm=algorithm,
@@ -195,15 +202,38 @@ class Dion(torch.optim.Optimizer):
 
         Returns:
             The closure's loss, or None.
+
+        Raises:
+            RuntimeError: :func:`dion_lp.step_in_backward` steps this optimizer
+                inside ``backward()`` (a second step here would step twice).
         """
+        if getattr(self, "_in_backward", None) is not None:
+            raise RuntimeError(
+                "Dion.step() called while dion_lp.step_in_backward(opt) is active: every "
+                "parameter is stepped inside backward() as its gradient arrives, so remove "
+                "the opt.step() call from the loop (or call handle.remove() to step here)"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_params(self._finite_grads())
+        self._stats.end_step()
+        return loss
+
+    @torch.no_grad()
+    def _step_params(self, items: list[tuple[dict[str, Any], Tensor, Tensor]]) -> None:
+        """Step the given (group, param, fp32 grad) triples (:meth:`_finite_grads`) in place.
+
+        In one process parameters are independent (each Dion matrix steps alone):
+        stepping subsets, in any order, gives the bits of one whole step
+        (:func:`dion_lp.step_in_backward`). Closing the step in the byte counters
+        is the caller's (``self._stats.end_step()``).
+        """
         local_mats: list[DionMatrix] = []
         shard_parts: dict[tuple[int, ...], list[DionMatrix]] = {}
         elementwise = []
-        for group, p, grad in self._finite_grads():
+        for group, p, grad in items:
             place, index, st = placement(p), self._param_index[id(p)], self.state[p]
             if place.sharded:
                 check_replicas(place, self._replicas)
@@ -232,8 +262,6 @@ class Dion(torch.optim.Optimizer):
         for part in shard_parts.values():
             sharded = ShardedLayout(part[0].place.shard_group, self._replicas, self._stats)
             dion_step_(part, sharded, seed=self._seed)
-        self._stats.end_step()
-        return loss
 
     def _finite_grads(self) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
         """(group, param, fp32 grad) of every param to step (:func:`finite_gradients`)."""
@@ -339,6 +367,7 @@ class Dion(torch.optim.Optimizer):
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             state_dict = state_dict if result is None else result
+        state_dict = checkpoint.with_added_hyperparameters(state_dict)
         checkpoint.check_loadable(state_dict, self.param_groups)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -13,11 +13,13 @@ from typing import Any
 from .quant.formats import MOMENTUM_FORMATS, WIRE_FORMATS, check_built
 
 __all__ = [
+    "ADDED_HYPERPARAMETERS",
     "ALGORITHMS",
     "COMM_DTYPES",
     "HYPERPARAMETERS",
     "MOMENTUM_DTYPES",
     "NONFINITE_MODES",
+    "WEIGHT_ROUNDINGS",
     "check_seed",
     "dion_rank",
     "validate_group",
@@ -27,6 +29,7 @@ ALGORITHMS = ("dion", "adamw", "lion")
 MOMENTUM_DTYPES = MOMENTUM_FORMATS
 COMM_DTYPES = WIRE_FORMATS
 NONFINITE_MODES = ("raise", "skip")
+WEIGHT_ROUNDINGS = ("nearest", "stochastic")
 # Every key validate_group reads: a group (or a saved one) must have them all.
 HYPERPARAMETERS = (
     "lr",
@@ -43,7 +46,11 @@ HYPERPARAMETERS = (
     "stochastic_rounding",
     "momentum_residual",
     "block_size",
+    "weight_rounding",
 )
+# Keys added after a state-dict format was released: a saved group without one
+# loads with the value that reproduces how it was trained.
+ADDED_HYPERPARAMETERS = {"weight_rounding": "nearest"}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -95,6 +102,7 @@ def validate_group(group: dict[str, Any]) -> None:
     check_built(group["momentum_dtype"], "momentum_dtype")
     check_built(group["comm_dtype"], "comm_dtype")
     _check_choice("nonfinite", group["nonfinite"], NONFINITE_MODES)
+    _check_choice("weight_rounding", group["weight_rounding"], WEIGHT_ROUNDINGS)
     if not isinstance(group["stochastic_rounding"], bool):
         raise ValueError(
             f"Invalid stochastic_rounding: {group['stochastic_rounding']!r}; expected a bool"

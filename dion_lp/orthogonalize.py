@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["column_normalize", "negligible_columns", "orthonormalize", "orthonormalize_rows_"]
+__all__ = [
+    "column_normalize",
+    "column_normalize_",
+    "negligible_columns",
+    "orthonormalize",
+    "orthonormalize_rows_",
+]
 
 # A column of R whose norm is at most this times n times the largest is rounding
 # noise, not a direction of B: with B of rank k < r, the r - k extra columns of
@@ -44,7 +50,8 @@ def column_normalize(
     """Unit-norm columns of ``R``; negligible columns stay zero, the warm start keeps ``previous``.
 
     A column is negligible when :func:`negligible_columns` says so: zero, or
-    rounding noise next to the largest column (B has rank below r).
+    rounding noise next to the largest column (B has rank below r). Out of
+    place: :func:`column_normalize_` on copies.
 
     Args:
         R: shape (n, r), float32.
@@ -59,13 +66,37 @@ def column_normalize(
         moves nothing); ``Q_next`` is the warm start of the next step (the old
         column where ``R``'s column is zero, so the power iteration never dies).
     """
+    Q_next = previous.float().clone()
+    return column_normalize_(R.clone(), Q_next, norms, n), Q_next
+
+
+def column_normalize_(
+    R: Tensor, Q: Tensor, norms: Tensor | None = None, n: int | None = None
+) -> Tensor:
+    """:func:`column_normalize` in place: ``R`` becomes ``Q_step``, ``Q`` (the previous
+    factor, any float dtype) becomes ``Q_next``. No temporary of R's size.
+
+    Args:
+        R: shape (n, r), float32, overwritten.
+        Q: shape (n, r), the last step's factor, overwritten with the next warm start.
+        norms, n: as in :func:`column_normalize`.
+
+    Returns:
+        ``R``, now ``Q_step``.
+    """
     if norms is None:
         norms = torch.linalg.vector_norm(R, dim=0)
-    nonzero = ~negligible_columns(norms, R.shape[0] if n is None else n)
-    safe = torch.where(nonzero, norms, torch.ones_like(norms))
-    Q_step = torch.where(nonzero, R / safe, torch.zeros_like(R))
-    Q_next = torch.where(nonzero, Q_step, previous.to(Q_step.dtype))
-    return Q_step, Q_next
+    negligible = negligible_columns(norms, R.shape[0] if n is None else n)
+    R.div_(torch.where(negligible, torch.ones_like(norms), norms))
+    kept = negligible.nonzero().flatten()
+    if kept.numel():  # those columns move nothing, and keep the old warm start
+        R.index_fill_(1, kept, 0.0)
+        old = Q.index_select(1, kept)
+        Q.copy_(R)
+        Q.index_copy_(1, kept, old)
+    else:
+        Q.copy_(R)
+    return R
 
 
 def negligible_columns(norms: Tensor, n: int) -> Tensor:

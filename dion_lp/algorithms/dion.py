@@ -31,11 +31,25 @@ from torch import Tensor
 from ..dist.dtensor import local
 from ..layouts.placement import Placement
 from ..options import dion_rank
-from ..orthogonalize import column_normalize
-from ..quant.buffer import QuantizedBuffer
+from ..orthogonalize import column_normalize_
+from ..quant.buffer import QuantizedBuffer, block_ranges
 from ..quant.rng import stream_key
+from ..quant.weights import write_weights_
 
-__all__ = ["DionMatrix", "dion_step_", "init_dion_state", "initial_right_factor"]
+__all__ = [
+    "WHOLE_NUMEL",
+    "DionMatrix",
+    "dion_step_",
+    "init_dion_state",
+    "initial_right_factor",
+    "update_weights_",
+]
+
+# A low-precision momentum of more than WHOLE_NUMEL elements (16 MiB in fp32) is
+# never decoded whole: each pass of the step decodes, uses and drops one row block
+# of at most quant.buffer.BLOCK_NUMEL elements (4 MiB in fp32) at a time. Smaller
+# momenta are decoded once per step (fewer passes: faster).
+WHOLE_NUMEL = 2**22
 
 
 @dataclass
@@ -58,6 +72,8 @@ class DionMatrix:
     Q: Tensor | None = None  # like R: the right factor of the last step, fp32
     norms: Tensor | None = None  # (r,) column norms of the whole R, when sharded over columns
     shared: Tensor | None = None  # the T that P and R are computed from, if not self.T
+    blocks: tuple[tuple[int, int], ...] = ()  # local row blocks (r0, r1) when B is streamed
+    scratch: Tensor | None = None  # fp32, one decoded block (codes' width), reused
 
     @property
     def rows_long(self) -> bool:
@@ -73,6 +89,65 @@ class DionMatrix:
     def long_short(self) -> tuple[int, int]:
         m, n = self.place.global_shape
         return max(m, n), min(m, n)
+
+    @property
+    def rank(self) -> int:
+        """r, the columns of the factors."""
+        return local(self.state["Q"]).shape[1]
+
+    def rows(self, r0: int, r1: int, reuse: bool = True) -> Tensor:
+        """B's local rows ``r0:r1`` in fp32: a view of B, or decoded (+ G) when streamed.
+
+        A decoded block lives in ``self.scratch`` (valid until the next call) unless
+        ``reuse`` is False.
+        """
+        if self.B is not None:
+            return self.B[r0:r1]
+        G = self.place.to_rows(self.grad)[r0:r1]
+        out = self.scratch if reuse else None
+        B = QuantizedBuffer(self.state, "momentum").read(add=G, rows=(r0, r1), out=out)
+        residual = self.state.get("momentum_residual")
+        return B if residual is None else B.add_(local(residual)[r0:r1])
+
+    def _row_blocks(self) -> tuple[tuple[int, int], ...]:
+        return self.blocks or ((0, self.place.length),)
+
+    def tall_times(self, Q: Tensor) -> Tensor:
+        """``T @ Q`` for Q of T's (local) columns x r, one row block of B at a time."""
+        if self.B is not None:
+            return self.T @ Q
+        k, r = self.place.length, Q.shape[1]
+        if self.rows_long:  # B's rows are T's rows: P's rows block by block
+            out = torch.empty(k, r, dtype=torch.float32, device=Q.device)
+            for r0, r1 in self._row_blocks():
+                torch.matmul(self.rows(r0, r1), Q, out=out[r0:r1])
+            return out
+        out = torch.zeros(self.place.row_numel, r, dtype=torch.float32, device=Q.device)
+        for r0, r1 in self._row_blocks():  # B's rows are T's columns: a sum over blocks
+            out.addmm_(self.rows(r0, r1).T, Q[r0:r1])
+        return out
+
+    def tall_t_times(self, P: Tensor) -> Tensor:
+        """``T^T @ P`` for P of T's (local) rows x r, one row block of B at a time."""
+        if self.B is not None:
+            return self.T.T @ P
+        k, r = self.place.length, P.shape[1]
+        if not self.rows_long:
+            out = torch.empty(k, r, dtype=torch.float32, device=P.device)
+            for r0, r1 in self._row_blocks():
+                torch.matmul(self.rows(r0, r1), P, out=out[r0:r1])
+            return out
+        out = torch.zeros(self.place.row_numel, r, dtype=torch.float32, device=P.device)
+        for r0, r1 in self._row_blocks():
+            out.addmm_(self.rows(r0, r1).T, P[r0:r1])
+        return out
+
+    def tall_copy(self) -> Tensor:
+        """A copy of this rank's T, fp32 (B materialised whole)."""
+        if self.B is not None:
+            return self.T.clone()
+        B = torch.cat([self.rows(r0, r1, reuse=False) for r0, r1 in self._row_blocks()])
+        return B if self.rows_long else B.T
 
 
 def initial_right_factor(n: int, r: int, *, seed: int, index: int) -> Tensor:
@@ -129,13 +204,28 @@ def init_dion_state(
 
 
 def read_momentum_(mat: DionMatrix) -> None:
-    """B = M + G (fp32, this rank's rows; the state itself when the momentum is fp32)."""
-    B = QuantizedBuffer(mat.state, "momentum").read(add=mat.place.to_rows(mat.grad))
+    """B = M + G (fp32, this rank's rows; the state itself when the momentum is fp32).
+
+    A low-precision momentum of more than :data:`WHOLE_NUMEL` elements is not
+    decoded whole: ``mat.blocks`` lists its row blocks of at most
+    :data:`dion_lp.quant.buffer.BLOCK_NUMEL` elements, and every pass of the step
+    decodes (M + G), uses and drops one block at a time, so the step's temporaries
+    stay bounded whatever the matrix size.
+    """
+    buf = QuantizedBuffer(mat.state, "momentum")
+    mat.Q = local(mat.state["Q"]).float()
+    k, U = mat.place.length, mat.place.row_numel
+    if buf.fmt != "fp32" and k * U > WHOLE_NUMEL:
+        mat.blocks = tuple(block_ranges(k, U))
+        width = local(mat.state["momentum_codes"]).shape[1]  # rows padded to whole blocks
+        most = max(r1 - r0 for r0, r1 in mat.blocks)
+        mat.scratch = torch.empty(most * width, dtype=torch.float32, device=mat.Q.device)
+        return
+    B = buf.read(add=mat.place.to_rows(mat.grad))
     residual = mat.state.get("momentum_residual")
     if residual is not None:
         B = B.add_(local(residual))
     mat.B = B
-    mat.Q = local(mat.state["Q"]).float()
 
 
 def dion_step_(mats: list[DionMatrix], layout: Any, *, seed: int) -> None:
@@ -149,55 +239,82 @@ def dion_step_(mats: list[DionMatrix], layout: Any, *, seed: int) -> None:
     for mat in mats:
         read_momentum_(mat)  # B = M + G
     layout.left_(mats)  # P = B Q
+    for mat in mats:
+        mat.Q = None  # the fp32 copy of a bf16 Q is not needed again
     layout.orthonormalize_(mats)  # P = Orthonormalize(P)
     layout.right_(mats)  # R = B^T P
     layout.column_norms_(mats)  # ||R_:,j|| when R is split over ranks
     for mat in mats:
         _finish(mat, seed)
-        mat.B = mat.P = mat.R = mat.Q = mat.norms = mat.shared = None
+        mat.B = mat.P = mat.R = mat.norms = mat.shared = mat.scratch = None
 
 
 def _finish(mat: DionMatrix, seed: int) -> None:
     """Error feedback, the momentum write, the new Q and the parameter update of one matrix."""
-    group, st, place = mat.group, mat.state, mat.place
-    P, R = mat.P, mat.R
-    # M = B - (1 - mu) P R^T   (in place on B: the momentum itself when fp32)
-    mat.T.addmm_(P, R.T, alpha=-(1.0 - group["mu"]))
-    _write_momentum(mat, seed)
-    # Q = ColumnNormalize(R)
-    Q_step, Q_next = column_normalize(R, mat.Q, mat.norms, n=mat.long_short[1])
-    local(st["Q"]).copy_(Q_next)
+    st, step = mat.state, mat.state["step"]
+    # M = B - (1 - mu) P R^T, written back in the momentum's format
+    _error_feedback_(mat, stream_key(seed, mat.index, step, "momentum"))
+    # Q = ColumnNormalize(R): R becomes this step's Q, the stored Q the next step's
+    Q_step = column_normalize_(mat.R, local(st["Q"]), mat.norms, n=mat.long_short[1])
     st["step"] += 1
     # X = X (1 - lr wd) - lr sqrt(m / n) P Q^T
+    update_weights_(mat, Q_step, stream_key(seed, mat.index, step, "param"))
+
+
+def update_weights_(mat: DionMatrix, Q_step: Tensor, key: int) -> None:
+    """X = X (1 - lr wd) - lr sqrt(m / n) P Q^T, computed in fp32.
+
+    An fp32 parameter: one fused in-place product. Another dtype: one row block of
+    at most :data:`dion_lp.quant.buffer.BLOCK_NUMEL` elements at a time, written
+    back with the group's ``weight_rounding`` (:func:`dion_lp.quant.weights.write_weights_`,
+    random bits from ``key`` and each element's global index).
+    """
+    group, place = mat.group, mat.place
     m, n = place.global_shape
     scale = group["lr"] * math.sqrt(m / n)
-    X_rows = place.to_rows(mat.param)
-    apply_low_rank_update_(X_rows if mat.rows_long else X_rows.T, P, Q_step, group, scale)
+    decay = 1.0 - group["lr"] * group["weight_decay"]
+    X_rows = place.to_rows(mat.param)  # (k, row_numel): this rank's rows of the parameter
+    if X_rows.dtype == torch.float32:
+        X = X_rows if mat.rows_long else X_rows.T
+        X.mul_(decay).addmm_(mat.P, Q_step.T, alpha=-scale)
+        return
+    # the rows of X are rows of P Q^T (T's rows) or of Q P^T (T's columns)
+    left, right = (mat.P, Q_step) if mat.rows_long else (Q_step, mat.P)
+    stochastic = group["weight_rounding"] == "stochastic"
+    U = X_rows.shape[1]
+    for r0, r1 in block_ranges(*X_rows.shape):
+        rows = X_rows[r0:r1]
+        new = torch.addmm(rows.float(), left[r0:r1], right.T, beta=decay, alpha=-scale)
+        write_weights_(rows, new, stochastic=stochastic, key=key, first=(place.start + r0) * U)
 
 
-def _write_momentum(mat: DionMatrix, seed: int) -> None:
-    """Store B as the new momentum in its format; keep what rounding dropped if asked."""
-    st, group = mat.state, mat.group
-    buf = QuantizedBuffer(st, "momentum")
+def _error_feedback_(mat: DionMatrix, key: int) -> None:
+    """M = B - (1 - mu) P R^T, in place on B (whole) or one row block of B at a time."""
+    alpha = -(1.0 - mat.group["mu"])
+    buf = QuantizedBuffer(mat.state, "momentum")
+    if mat.B is not None:  # in place: the momentum itself when fp32
+        mat.T.addmm_(mat.P, mat.R.T, alpha=alpha)
+        _write_momentum(mat, buf, mat.B, None, key)
+        return
+    for r0, r1 in mat.blocks:  # B's row block: T's rows, or T's columns
+        B = mat.rows(r0, r1)
+        if mat.rows_long:
+            B.addmm_(mat.P[r0:r1], mat.R.T, alpha=alpha)
+        else:
+            B.addmm_(mat.R[r0:r1], mat.P.T, alpha=alpha)
+        _write_momentum(mat, buf, B, (r0, r1), key)
+
+
+def _write_momentum(
+    mat: DionMatrix, buf: QuantizedBuffer, B: Tensor, rows: tuple[int, int] | None, key: int
+) -> None:
+    """Store B (local rows ``rows``, or all) as the new momentum; keep what rounding dropped."""
     if buf.fmt == "fp32":
         return  # B is the state tensor itself, already updated in place
-    key = stream_key(seed, mat.index, st["step"], "momentum")
-    buf.write(mat.B, stochastic=group["stochastic_rounding"], key=key, row0=mat.place.start)
-    residual = st.get("momentum_residual")
+    stochastic = mat.group["stochastic_rounding"]
+    buf.write(B, stochastic=stochastic, key=key, row0=mat.place.start, rows=rows)
+    residual = mat.state.get("momentum_residual")
     if residual is not None:  # what this write dropped, added back next step
-        local(residual).copy_(mat.B - buf.read())
-
-
-def apply_low_rank_update_(
-    X: Tensor,  # (rows, cols) view of the parameter, modified in place
-    P: Tensor,  # (rows, r) fp32
-    Q: Tensor,  # (cols, r) fp32
-    group: dict[str, Any],
-    scale: float,
-) -> None:
-    """X = X (1 - lr wd) - scale P Q^T in fp32, written in X's dtype (one fused product)."""
-    decay = 1.0 - group["lr"] * group["weight_decay"]
-    if X.dtype == torch.float32:
-        X.mul_(decay).addmm_(P, Q.T, alpha=-scale)
-    else:
-        X.copy_(torch.addmm(X.float(), P, Q.T, beta=decay, alpha=-scale))
+        res = local(residual)
+        res = res if rows is None else res[rows[0] : rows[1]]
+        res.copy_(B - buf.read(rows=rows))

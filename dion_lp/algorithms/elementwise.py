@@ -8,6 +8,8 @@ optimizer reads low-precision state out to fp32, calls them, and writes back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -15,9 +17,10 @@ from torch import Tensor
 
 from ..dist.dtensor import local
 from ..layouts.placement import Placement
-from ..quant.buffer import QuantizedBuffer
+from ..quant.buffer import QuantizedBuffer, block_ranges
 from ..quant.formats import unsigned_variant
 from ..quant.rng import stream_key
+from ..quant.weights import write_weights_
 
 __all__ = [
     "ELEMENTWISE_STATE",
@@ -31,6 +34,9 @@ __all__ = [
 
 # The state buffers each rule keeps, by name, and whether the buffer is
 # non-negative (stored in an unsigned format when the state is quantized).
+# Writes new fp32 values (2nd argument) into the parameter (1st), in its dtype.
+Writer = Callable[[Tensor, Tensor], None]
+
 ELEMENTWISE_STATE: dict[str, dict[str, bool]] = {
     "adamw": {"exp_avg": False, "exp_avg_sq": True},
     "lion": {"exp_avg": False},
@@ -49,6 +55,7 @@ def adamw_update_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    write: Writer | None = None,
 ) -> None:
     """AdamW (decoupled weight decay, bias-corrected), in place.
 
@@ -56,6 +63,7 @@ def adamw_update_(
         X: parameter of any shape; updated in its own dtype.
         G, exp_avg, exp_avg_sq: fp32 tensors with X's shape.
         step: number of updates including this one (>= 1).
+        write: stores X's new fp32 values into X (default: ``X.copy_``, nearest).
     """
     # m = b1 m + (1 - b1) g ; v = b2 v + (1 - b2) g^2
     exp_avg.lerp_(G, 1 - beta1)
@@ -65,7 +73,7 @@ def adamw_update_(
     # X = X (1 - lr wd) - lr (m / b1c) / (sqrt(v / b2c) + eps)
     denom = (exp_avg_sq / bias2).sqrt_().add_(eps)
     update = (exp_avg / bias1).div_(denom)
-    _apply_(X, update, lr=lr, weight_decay=weight_decay)
+    _apply_(X, update, lr=lr, weight_decay=weight_decay, write=write)
 
 
 def lion_update_(
@@ -77,26 +85,34 @@ def lion_update_(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    write: Writer | None = None,
 ) -> None:
     """Lion (Chen et al. 2023), in place.
 
     Args:
         X: parameter of any shape; updated in its own dtype.
         G, exp_avg: fp32 tensors with X's shape.
+        write: stores X's new fp32 values into X (default: ``X.copy_``, nearest).
     """
     # c = b1 m + (1 - b1) g ; X = X (1 - lr wd) - lr sign(c)
     update = torch.lerp(exp_avg, G, 1 - beta1).sign_()
-    _apply_(X, update, lr=lr, weight_decay=weight_decay)
+    _apply_(X, update, lr=lr, weight_decay=weight_decay, write=write)
     # m = b2 m + (1 - b2) g
     exp_avg.lerp_(G, 1 - beta2)
 
 
-def _apply_(X: Tensor, update: Tensor, *, lr: float, weight_decay: float) -> None:
-    """X = X (1 - lr wd) - lr update, computed in fp32 and written in X's dtype."""
+def _apply_(
+    X: Tensor, update: Tensor, *, lr: float, weight_decay: float, write: Writer | None
+) -> None:
+    """X = X (1 - lr wd) - lr update, computed in fp32 and written in X's dtype by ``write``."""
     if X.dtype == torch.float32:
         X.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+        return
+    new = X.float().mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+    if write is None:
+        X.copy_(new)
     else:
-        X.copy_(X.float().mul_(1 - lr * weight_decay).add_(update, alpha=-lr))
+        write(X, new)
 
 
 def state_format(momentum_dtype: str, *, unsigned: bool) -> str:
@@ -105,7 +121,12 @@ def state_format(momentum_dtype: str, *, unsigned: bool) -> str:
 
 
 def apply_rule_(
-    X: Tensor, grad: Tensor, bufs: dict[str, Tensor], group: dict[str, Any], step: int
+    X: Tensor,
+    grad: Tensor,
+    bufs: dict[str, Tensor],
+    group: dict[str, Any],
+    step: int,
+    write: Writer | None = None,
 ) -> None:
     """The group's element-wise rule on fp32 buffers ``bufs`` (named as in ELEMENTWISE_STATE).
 
@@ -115,9 +136,12 @@ def apply_rule_(
         bufs: fp32 state buffers with X's shape, updated in place.
         group: the param group (algorithm, lr, betas, eps, weight_decay).
         step: 1-based step count including this one.
+        write: stores X's new fp32 values into a non-fp32 X (default: nearest).
     """
     beta1, beta2 = group["betas"]
-    common = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+    common = dict(
+        lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], write=write
+    )
     if group["algorithm"] == "adamw":
         adamw_update_(
             X, grad, bufs["exp_avg"], bufs["exp_avg_sq"], step=step, eps=group["eps"], **common
@@ -157,9 +181,12 @@ def elementwise_step_(
 ) -> None:
     """One AdamW or Lion step of ``p`` (any shape, plain or DTensor) with its state, in place.
 
-    The state is read out to fp32, updated, and written back once in the group's
+    The state is read out to fp32, updated, and written back in the group's
     ``momentum_dtype`` (stochastically rounded when the group asks for it, with the
-    random bits of :mod:`dion_lp.quant.rng`).
+    random bits of :mod:`dion_lp.quant.rng`), one row block of at most
+    :data:`dion_lp.quant.buffer.BLOCK_NUMEL` elements at a time: the rule is
+    element-wise and the bits follow each element's global index, so the result is
+    the same as for the whole tensor, with temporaries of a block's size.
 
     Args:
         p: parameter; this rank's part is updated in its own dtype.
@@ -175,12 +202,52 @@ def elementwise_step_(
     step = st["step"]
     st["step"] += 1
     buffers = {name: QuantizedBuffer(st, name) for name in ELEMENTWISE_STATE[group["algorithm"]]}
-    # fp32 buffers are the state tensors themselves (views): updated in place
-    bufs = {name: place.from_rows(buf.read(), X.shape) for name, buf in buffers.items()}
-    apply_rule_(X, grad, bufs, group, st["step"])
+    keys = {name: stream_key(seed, index, step, name) for name in buffers}
+    stochastic = group["weight_rounding"] == "stochastic"
+    param_key = stream_key(seed, index, step, "param")
+    write = partial(write_weights_, stochastic=stochastic, key=param_key)
+    X_rows, G_rows = place.to_rows(X), place.to_rows(grad)
+    U = X_rows.shape[1]
+    if not (_is_view(X_rows, X) and _is_view(G_rows, grad)):  # rows copied: the whole tensor
+        bufs = {name: place.from_rows(buf.read(), X.shape) for name, buf in buffers.items()}
+        flat = partial(_write_flat, write=partial(write, first=place.start * U))
+        apply_rule_(X, grad, bufs, group, st["step"], flat)
+        bufs = {name: place.to_rows(b) for name, b in bufs.items()}
+        _write_states(buffers, bufs, None, group, keys, place.start)
+        return
+    for rows in block_ranges(*X_rows.shape):  # bounded temporaries, the same numbers
+        r0, r1 = rows
+        bufs = {name: buf.read(rows=rows) for name, buf in buffers.items()}
+        at = partial(write, first=(place.start + r0) * U)
+        apply_rule_(X_rows[r0:r1], G_rows[r0:r1], bufs, group, st["step"], at)
+        _write_states(buffers, bufs, rows, group, keys, place.start)
+
+
+def _write_flat(X: Tensor, new: Tensor, *, write: Writer) -> None:
+    """``write`` on X of any shape, seen as one row (element order: X's, row-major)."""
+    if X.is_contiguous():
+        write(X.view(1, -1), new.reshape(1, -1))
+        return
+    out = torch.empty_like(X, memory_format=torch.contiguous_format)
+    write(out.view(1, -1), new.reshape(1, -1))
+    X.copy_(out)
+
+
+def _write_states(
+    buffers: dict[str, QuantizedBuffer],
+    bufs: dict[str, Tensor],
+    rows: tuple[int, int] | None,
+    group: dict[str, Any],
+    keys: dict[str, int],
+    row0: int,
+) -> None:
+    """Write the updated fp32 ``bufs`` (local rows ``rows``, or all) back in their formats."""
     for name, buf in buffers.items():
-        if buf.fmt == "fp32":
-            continue
-        key = stream_key(seed, index, step, name)
-        rows = place.to_rows(bufs[name])
-        buf.write(rows, stochastic=group["stochastic_rounding"], key=key, row0=place.start)
+        if buf.fmt != "fp32":  # fp32 buffers were updated in place
+            stochastic = group["stochastic_rounding"]
+            buf.write(bufs[name], stochastic=stochastic, key=keys[name], row0=row0, rows=rows)
+
+
+def _is_view(rows: Tensor, x: Tensor) -> bool:
+    """Whether ``rows`` (from ``Placement.to_rows``) shares ``x``'s memory (not a copy)."""
+    return rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()

@@ -50,7 +50,7 @@ class LocalLayout:
     def exchanges_factors(self, mat: DionMatrix) -> bool:
         """Whether replicas average ``mat``'s factors (else its B, or nothing with one rank)."""
         L, S = mat.long_short
-        return self.world_size > 1 and (L + S) * mat.Q.shape[1] < L * S
+        return self.world_size > 1 and (L + S) * mat.rank < L * S
 
     def _mean_(self, tensors: list[Any], mats: list[DionMatrix]) -> None:
         if self.world_size > 1 and mats:
@@ -61,10 +61,10 @@ class LocalLayout:
         """P = B Q, averaged over the replicas."""
         whole = [mat for mat in mats if self.world_size > 1 and not self.exchanges_factors(mat)]
         for mat in whole:
-            mat.shared = mat.T.clone()
+            mat.shared = mat.tall_copy()
         self._mean_([mat.shared for mat in whole], whole)
         for mat in mats:
-            mat.P = (mat.T if mat.shared is None else mat.shared) @ mat.Q
+            mat.P = mat.tall_times(mat.Q) if mat.shared is None else mat.shared @ mat.Q
         factors = [mat for mat in mats if self.exchanges_factors(mat)]
         self._mean_([mat.P for mat in factors], factors)
 
@@ -76,7 +76,7 @@ class LocalLayout:
     def right_(self, mats: list[DionMatrix]) -> None:
         """R = B^T P, averaged over the replicas."""
         for mat in mats:
-            mat.R = (mat.T if mat.shared is None else mat.shared).T @ mat.P
+            mat.R = mat.tall_t_times(mat.P) if mat.shared is None else mat.shared.T @ mat.P
             mat.shared = None
         factors = [mat for mat in mats if self.exchanges_factors(mat)]
         self._mean_([mat.R for mat in factors], factors)

@@ -96,8 +96,8 @@ class ShardedLayout:
         shorts = [mat for mat in mats if not mat.rows_long]
         for mat in mats:
             if mat.rows_long:
-                mat.P = mat.T @ mat.Q
-        partial_sums = [mat.T @ mat.Q for mat in shorts]
+                mat.P = mat.tall_times(mat.Q)
+        partial_sums = [mat.tall_times(mat.Q) for mat in shorts]
         blocks = self._per_format(
             shorts,
             partial_sums,
@@ -127,7 +127,7 @@ class ShardedLayout:
     def right_(self, mats: list[DionMatrix]) -> None:
         """R = B^T P: summed over the shards (long dim sharded) or this rank's rows of R."""
         for mat in mats:
-            mat.R = mat.T.T @ mat.P
+            mat.R = mat.tall_t_times(mat.P)
         longs = [mat for mat in mats if mat.rows_long]
         self._per_format(longs, [mat.R for mat in longs], lambda ts, f, _: self._shard_sum(f)(ts))
         self._replica_mean_([mat.R for mat in mats], mats)

@@ -42,10 +42,12 @@ from .formats import format_info
 from .rng import key_tensor
 
 __all__ = [
+    "BLOCK_NUMEL",
     "BUFFER_VERSION",
     "MIN_QUANT_NUMEL",
     "MIN_ROW_NUMEL",
     "QuantizedBuffer",
+    "block_ranges",
     "buffer_nbytes",
     "row_blocks",
     "row_shape",
@@ -55,6 +57,16 @@ __all__ = [
 BUFFER_VERSION = 2  # 1: dion_lp 0.1.0's flat blocks (plain) or "_sharded" records (DTensor)
 MIN_QUANT_NUMEL = 4096
 MIN_ROW_NUMEL = 32
+# Elements of the row blocks a step decodes, updates and re-encodes at a time
+# (4 MiB in fp32): the step's temporaries stay this size whatever the tensor's.
+BLOCK_NUMEL = 2**20
+
+
+def block_ranges(rows: int, row_numel: int, numel: int | None = None) -> list[tuple[int, int]]:
+    """``(r0, r1)`` row ranges of at most ``numel`` (default :data:`BLOCK_NUMEL`) elements
+    each (one row per range if a row is longer)."""
+    step = max(1, (BLOCK_NUMEL if numel is None else numel) // max(row_numel, 1))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)] or [(0, 0)]
 
 
 def storage_format(fmt: str, rows: int, row_numel: int) -> str:
@@ -137,9 +149,12 @@ class QuantizedBuffer:
         wrap = wrap or (lambda t, shape: t)
         if info.scaled:
             scales = torch.zeros(local_rows, nb, dtype=torch.float32, device=device)
-            # zero is not code 0 of every codebook (dynamic8): encode it
-            zeros = torch.zeros(codes.numel(), dtype=torch.float32, device=device)
-            codecs.encode_(zeros, codes.view(-1), scales.view(-1), stored, eb)
+            # zero is not code 0 of every codebook (dynamic8): encode one block of
+            # zeros and repeat its codes (no temporary of the buffer's size)
+            zero_codes = torch.empty(eb, dtype=info.code_dtype, device=device)
+            zeros = torch.zeros(eb, dtype=torch.float32, device=device)
+            codecs.encode_(zeros, zero_codes, torch.empty(1, device=device), stored, eb)
+            codes.view(-1, eb).copy_(zero_codes)
             state[f"{name}_scales"] = wrap(scales, (rows, nb))
         else:
             state.pop(f"{name}_scales", None)
@@ -161,50 +176,96 @@ class QuantizedBuffer:
     def _codes(self) -> Tensor:
         return local(self.state[f"{self.name}_codes"])
 
-    def _scales(self) -> Tensor | None:
+    def _scales(self, rows: tuple[int, int] | None = None) -> Tensor | None:
         scales = self.state.get(f"{self.name}_scales")
-        return None if scales is None else local(scales).reshape(-1)
+        return None if scales is None else self._rows(local(scales), rows).reshape(-1)
 
-    def read(self, add: Tensor | None = None) -> Tensor:
+    @staticmethod
+    def _rows(t: Tensor, rows: tuple[int, int] | None) -> Tensor:
+        return t if rows is None else t[rows[0] : rows[1]]
+
+    def read(
+        self,
+        add: Tensor | None = None,
+        rows: tuple[int, int] | None = None,
+        out: Tensor | None = None,
+    ) -> Tensor:
         """This rank's rows in fp32, ``(local_rows, row_numel)``, plus ``add`` if given.
 
         One fused pass (decode + add, :mod:`dion_lp.quant.kernels`). For fp32 buffers
         this is the stored tensor itself, ``add`` added in place (update it in place).
+
+        Args:
+            add: ``(r1 - r0, row_numel)`` fp32 added to the decoded rows.
+            rows: ``(r0, r1)``: only local rows ``r0:r1`` (a row block: the
+                temporaries are that block's size); None: all of them.
+            out: a contiguous fp32 tensor of at least ``(r1 - r0) * row_numel``
+                elements the result may be written into (a scratch block reused
+                across calls); ignored for fp32 buffers.
         """
-        codes, U = self._codes(), self.info["row_numel"]
+        codes, U = self._rows(self._codes(), rows), self.info["row_numel"]
         if self.fmt == "fp32":
             return codes if add is None else codes.add_(add)
-        if self.fmt in ("dynamic8", "udynamic8"):  # codebook lookups: the eager codec
-            flat = codecs.decode(
-                codes.reshape(-1), self._scales(), self.fmt, self.info["row_block"], codes.numel()
-            )
-            out = flat.view(codes.shape)[:, :U]
-            return out if add is None else out + add
+        scales = self._scales(rows)
         k, width = codes.shape
+        if out is not None:
+            out = out.view(-1)[: k * width].view(k, width)
+        if self.fmt in ("dynamic8", "udynamic8"):  # codebook lookups: the eager codec
+            return self._read_codebook(codes, scales, add, out)
         eb = self.info["row_block"] if format_info(self.fmt).scaled else _chunk(U)
-        scales = self._scales()
         if width == U and (add is None or add.is_contiguous()):  # blocks of whole rows
             blocks_add = None if add is None else add.view(-1, eb)
-            return kernels.decode_blocks(codes.view(-1, eb), scales, blocks_add).view(k, U)
+            out = None if out is None else out.view(-1, eb)
+            return kernels.decode_blocks(codes.view(-1, eb), scales, blocks_add, out).view(k, U)
         values = kernels.decode_blocks(codes.view(-1, eb), scales).view(k, width)[:, :U]
         return values if add is None else values + add
 
-    def write(self, x: Tensor, *, stochastic: bool, key: int | None = None, row0: int = 0) -> None:
+    def _read_codebook(
+        self, codes: Tensor, scales: Tensor, add: Tensor | None, out: Tensor | None
+    ) -> Tensor:
+        """Decode codebook rows in chunks of ``codecs.EAGER_CHUNK`` elements (bounded
+        temporaries) into ``out`` (or a new tensor), adding ``add``; ``(rows, row_numel)``."""
+        k, width = codes.shape
+        U, eb = self.info["row_numel"], self.info["row_block"]
+        if out is None:
+            out = torch.empty(k, width, dtype=torch.float32, device=codes.device)
+        nb = width // eb
+        step = max(1, codecs.EAGER_CHUNK // max(width, 1))
+        for r0 in range(0, k, step):
+            r1 = min(k, r0 + step)
+            chunk = out[r0:r1].view(-1)
+            flat = codes[r0:r1].reshape(-1)
+            codecs.decode(flat, scales[r0 * nb : r1 * nb], self.fmt, eb, flat.numel(), out=chunk)
+            if add is not None:
+                out[r0:r1, :U].add_(add[r0:r1])
+        return out[:, :U]
+
+    def write(
+        self,
+        x: Tensor,
+        *,
+        stochastic: bool,
+        key: int | None = None,
+        row0: int = 0,
+        rows: tuple[int, int] | None = None,
+    ) -> None:
         """Quantize ``x`` (``(local_rows, row_numel)``, any float dtype) into the buffer, in place.
 
         Args:
-            x: this rank's rows.
+            x: this rank's rows (or the row block ``rows``).
             stochastic: stochastic rounding (needs ``key``) instead of round-to-nearest.
             key: the write's stream key (:func:`dion_lp.quant.rng.stream_key`).
-            row0: the global index of this rank's first row: element (i, j) rounds with
-                the bits of global index ``(row0 + i) * width + j``, so a tensor written
-                whole or as row shards gets the same bits.
+            row0: the global index of this rank's first row: element (i, j) of local
+                row i rounds with the bits of global index ``(row0 + i) * width + j``,
+                so a tensor written whole, as row shards or as row blocks gets the
+                same bits.
+            rows: ``(r0, r1)``: ``x`` holds local rows ``r0:r1`` only; None: all of them.
 
         Raises:
             ValueError: wrong shape, NaN/Inf in ``x``, negative ``x`` for udynamic8, or
                 stochastic rounding without a key.
         """
-        codes = self._codes()
+        codes = self._rows(self._codes(), rows)
         want = (codes.shape[0], self.info["row_numel"])
         if tuple(x.shape) != want:
             raise ValueError(
@@ -217,7 +278,8 @@ class QuantizedBuffer:
         if stochastic and key is None:
             raise ValueError(f"Invalid key: None; stochastic rounding of {self.name!r} needs one")
         width = codes.shape[1]
-        rng = None if not stochastic else key_tensor(key, row0 * width, codes.device)
+        first = row0 + (0 if rows is None else rows[0])  # global index of x's first row
+        rng = None if not stochastic else key_tensor(key, first * width, codes.device)
         x = x.float()
         if not format_info(self.fmt).scaled:
             x = x.contiguous()
@@ -229,9 +291,8 @@ class QuantizedBuffer:
         if width != x.shape[1]:  # pad each row to whole blocks
             x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
         eb = self.info["row_block"]
-        codecs.encode_blocks_(
-            x.reshape(-1), codes.view(-1), self._scales(), self.fmt, eb, stochastic, rng
-        )
+        scales = self._scales(rows)
+        codecs.encode_blocks_(x.reshape(-1), codes.view(-1), scales, self.fmt, eb, stochastic, rng)
 
     @property
     def nbytes(self) -> int:

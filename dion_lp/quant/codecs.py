@@ -54,6 +54,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,6 +63,9 @@ from . import kernels
 from .codebook import codebook_index, dynamic_map, encode_dynamic
 from .formats import FORMATS, REGISTRY, SCALE_NBYTES, SCALED_FORMATS
 from .rng import key_tensor
+
+# Elements per chunk of the eager codebook codec (bounds its temporaries).
+EAGER_CHUNK = 2**16
 
 __all__ = [
     "FORMATS",
@@ -319,9 +323,26 @@ def encode_blocks_(
     for xb, cb, sb, absmax, kb in pieces:
         if fmt in ("dynamic8", "udynamic8"):
             sb.copy_(absmax)
-            encode_dynamic(xb, cb, sb, codebook_index(fmt, x.device), stochastic, kb)
+            _encode_dynamic_chunks(xb, cb, sb, codebook_index(fmt, x.device), stochastic, kb)
         else:
             kernels.encode_scaled_(xb, cb, sb, absmax, fmt, stochastic, kb)
+
+
+def _encode_dynamic_chunks(
+    xb: Tensor, cb: Tensor, sb: Tensor, index: Any, stochastic: bool, key: Tensor | None
+) -> None:
+    """:func:`encode_dynamic` over chunks of at most :data:`EAGER_CHUNK` elements.
+
+    The codebook codec runs eagerly with int32/int64 temporaries several times the
+    size of its input: chunks bound them (same codes: rows are independent and the
+    random bits follow each element's global index).
+    """
+    rows, C = xb.shape
+    step = max(1, EAGER_CHUNK // max(C, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        kc = None if key is None else key + torch.tensor([0, 0, r0 * C], device=key.device)
+        encode_dynamic(xb[r0:r1], cb[r0:r1], sb[r0:r1], index, stochastic, kc)
 
 
 def decode(

@@ -153,21 +153,28 @@ def encode_bf16_(x: Tensor, codes: Tensor, stochastic: bool, key: Tensor | None)
     codes.copy_(out.view(torch.float32))
 
 
-def _decode(codes: Tensor, scales: Tensor | None, add: Tensor | None) -> Tensor:
+def _decode(codes: Tensor, scales: Tensor | None, add: Tensor | None, out: Tensor) -> None:
     values = codes.float()
     if scales is not None:
         values = values * scales[:, None]
-    return values + add if add is not None else values
+    out.copy_(values + add if add is not None else values)
 
 
-def decode_blocks(codes: Tensor, scales: Tensor | None, add: Tensor | None = None) -> Tensor:
-    """fp32 ``codes * scale`` (+ ``add``) of (R, C) blocks, one pass; a new tensor.
+def decode_blocks(
+    codes: Tensor, scales: Tensor | None, add: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
+    """fp32 ``codes * scale`` (+ ``add``) of (R, C) blocks, one pass, into ``out``.
 
     Args:
         codes: (R, C) codes (int8, fp8 or bf16 in their own dtypes).
         scales: (R,) fp32 scales, or None (bf16).
         add: optional (R, C) fp32 tensor added to the decoded values (B = M + G).
+        out: optional contiguous (R, C) fp32 tensor written and returned (a scratch
+            block reused across calls); None: a new tensor.
     """
+    if out is None:
+        out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
     name = f"decode_{codes.dtype}_{scales is not None}_{add is not None}"
-    blocks = tuple(t for t in (codes, scales, add) if t is not None)
-    return _run(name, _decode, blocks, codes, scales, add)
+    blocks = tuple(t for t in (codes, scales, add, out) if t is not None)
+    _run(name, _decode, blocks, codes, scales, add, out)
+    return out
