@@ -324,6 +324,9 @@ ROWS: dict[str, Row] = {
     "dion_fp8e5m2_comm": _row_dion(comm_dtype="fp8_e5m2"),
     "dion_int8_mom": _row_dion(momentum_dtype="int8"),
     "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3"),
+    "dion_int4_mom": _row_dion(
+        momentum_dtype="int4", full_only=True, note="int4 momentum (two codes a byte), SR"
+    ),
     "dion_int8_mom_nearest": _row_dion(momentum_dtype="int8", stochastic_rounding=False),
     "dion_int8_mom_residual": _row_dion(momentum_dtype="int8", momentum_residual=True),
     "dion_fp8comm_lowrank32": _row_dion(

@@ -15,6 +15,18 @@ fp32 scale per block where the format has scales:
 - bitsandbytes ``functional.quantize_blockwise`` / ``dequantize_blockwise``
   (dynamic map, blocksize 256, CPU).
 
+A second table, 4-bit codecs (``codecs_4bit.{csv,json}``), on the same tensors:
+
+- dion_lp ``int4`` (levels in [-7, 7], scale absmax / 7, two codes a byte) with
+  blocks of 128, 256, 512 and 1024 elements, nearest and stochastic: the
+  quality / size trade-off of the block size (B/elem = 0.5 + 4 / block);
+- torchao 0.18 AdamW4bit's codec (``torchao.optim.subclass_4bit``: ``scale_tensor``
+  + ``quantize_4bit_with_qmap`` on the signed 16-entry dynamic map
+  ``get_qmap_signed()``, packed two a byte as ``OptimState4bit`` does,
+  ``dequant_with_qmap``; blocks of 128, its default, and 256; nearest only);
+- torchao ``quant_primitives`` int4 symmetric affine (levels in [-8, 7], scale
+  absmax / 7.5, block 1 x 256; its codes are held in int8, counted as packed).
+
 Columns:
 
 - ``B/elem``: stored bytes per element (codes + scales; torchao's 256-entry map
@@ -61,6 +73,8 @@ BLOCK = 256
 SHAPE = (768, 3072)
 DION_FORMATS = ("bf16", "int8", "fp8_e4m3", "fp8_e5m2", "dynamic8")
 LIBRARIES = ("dion_lp", "torchao", "bitsandbytes")
+INT4_BLOCKS = (128, 256, 512, 1024)
+TORCHAO4_BLOCKS = (128, 256)  # 128: torchao AdamW4bit's default
 
 
 @dataclass(frozen=True)
@@ -79,23 +93,23 @@ def _tensor_nbytes(*tensors: Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _dion_codecs() -> list[Codec]:
-    out = []
-    for fmt in DION_FORMATS:
-        for sr in (False, True):
-            out.append(
-                Codec(
-                    name=f"{fmt}",
-                    library="dion_lp",
-                    stochastic=sr,
-                    encode=lambda x, g, fmt=fmt, sr=sr: quant.quantize(
-                        x, fmt, block_size=BLOCK, stochastic=sr, generator=g
-                    ),
-                    decode=quant.dequantize,
-                    nbytes=lambda q: q.nbytes,
-                )
-            )
-    return out
+def _quantizer(fmt: str, block: int, sr: bool) -> Callable[[Tensor, torch.Generator], Any]:
+    return lambda x, g: quant.quantize(x, fmt, block_size=block, stochastic=sr, generator=g)
+
+
+def _dion_codecs(variants: Sequence[tuple[str, str, int]] = ()) -> list[Codec]:
+    """dion_lp's codecs, nearest and stochastic, of (name, format, block) ``variants``
+    (default: every format of :data:`DION_FORMATS` in blocks of :data:`BLOCK`)."""
+    variants = variants or [(fmt, fmt, BLOCK) for fmt in DION_FORMATS]
+    return [
+        Codec(name, "dion_lp", sr, _quantizer(fmt, block, sr), quant.dequantize, lambda q: q.nbytes)
+        for name, fmt, block in variants
+        for sr in (False, True)
+    ]
+
+
+def _dion4_codecs() -> list[Codec]:
+    return _dion_codecs([(f"int4 b{block}", "int4", block) for block in INT4_BLOCKS])
 
 
 def _torchao_codecs() -> list[Codec]:
@@ -155,13 +169,57 @@ def _bnb_codecs() -> list[Codec]:
     ]  # fmt: skip
 
 
-def codecs_for(libraries: Sequence[str]) -> tuple[list[Codec], list[dict[str, Any]]]:
-    """The codecs of ``libraries``, and a row per library that could not be loaded."""
-    builders = {"dion_lp": _dion_codecs, "torchao": _torchao_codecs, "bitsandbytes": _bnb_codecs}
-    codecs, failed = [], []
+def _torchao4_codecs() -> list[Codec]:
+    qu = importlib.import_module("torchao.optim.quant_utils")
+    s4 = importlib.import_module("torchao.optim.subclass_4bit")
+    qp = importlib.import_module("torchao.quantization.quant_primitives")
+    qmap = torch.tensor(s4.get_qmap_signed(), dtype=torch.float32)
+
+    def dyn4(block: int) -> Codec:
+        def encode(x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, torch.Size]:
+            scaled, scale = qu.scale_tensor(x.reshape(-1), block)
+            codes = qu.quantize_4bit_with_qmap(scaled, qmap)
+            return (codes[::2] << 4) | codes[1::2], scale, x.shape  # OptimState4bit's packing
+
+        def decode(e: tuple[Tensor, Tensor, torch.Size]) -> Tensor:
+            codes = torch.stack([e[0] >> 4, e[0] & 0b1111], dim=-1)  # its dequantize()
+            return qu.dequant_with_qmap(codes, qmap, e[1]).view(e[2])
+
+        return Codec(f"dynamic4 (optim 4-bit) b{block}", "torchao", False, encode, decode,
+                     lambda e: _tensor_nbytes(e[0], e[1], qmap))  # fmt: skip
+
+    block, q4 = (1, BLOCK), dict(quant_min=-8, quant_max=7)
+
+    def int4_encode(x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        rows = x.reshape(-1, BLOCK)
+        scale, zero = qp.choose_qparams_affine(
+            rows, qp.MappingType.SYMMETRIC, block, torch.int8, **q4
+        )
+        return qp.quantize_affine(rows, block, scale, zero, torch.int8, **q4), scale, zero
+
+    def int4_decode(e: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        return qp.dequantize_affine(e[0], block, e[1], e[2], torch.int8, **q4).view(-1)
+
+    affine = Codec("int4 affine symmetric b256", "torchao", False, int4_encode, int4_decode,
+                   lambda e: e[0].numel() // 2 + _tensor_nbytes(e[1]))  # fmt: skip
+    return [*(dyn4(b) for b in TORCHAO4_BLOCKS), affine]
+
+
+BUILDERS = {
+    8: {"dion_lp": _dion_codecs, "torchao": _torchao_codecs, "bitsandbytes": _bnb_codecs},
+    4: {"dion_lp": _dion4_codecs, "torchao": _torchao4_codecs},
+}
+
+
+def codecs_for(libraries: Sequence[str], bits: int = 8) -> tuple[list[Codec], list[dict[str, Any]]]:
+    """The ``bits``-bit (8: with bf16; or 4) codecs of ``libraries``, and a row per library
+    that could not be loaded (bitsandbytes has no 4-bit optimizer codec: none)."""
+    builders, codecs, failed = BUILDERS[bits], [], []
     for lib in libraries:
-        if lib not in builders:
+        if lib not in LIBRARIES:
             raise ValueError(f"Invalid library: {lib!r}; expected one of {LIBRARIES}")
+        if lib not in builders:
+            continue
         try:
             codecs += builders[lib]()
         except Exception as exc:  # a missing or broken baseline is reported, not fatal
@@ -270,25 +328,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-numel", type=int, default=262_144, help="elements in the bias test")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--out", type=Path, default=Path("results/codecs"))
+    p.add_argument("--bits", default="8,4", help="tables: 8 (8-bit and bf16), 4, or both")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Measure every codec on every tensor; print the table; write CSV + JSON."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shape = (64, 256) if args.quick else SHAPE
+def _measure_all(
+    codecs: list[Codec], tensors: dict[str, Tensor], args: argparse.Namespace, bits: int
+) -> list[dict[str, Any]]:
+    """One row per (tensor, codec): :func:`measure_codec`, or the reason it was skipped."""
     repeats, draws = (2, 8) if args.quick else (args.repeats, args.draws)
-    codecs, rows = codecs_for([lib for lib in args.libs.split(",") if lib])
-    tensors = make_tensors(shape)
     jobs = [(t, c) for t in tensors for c in codecs]
     if not args.no_progress:
         from tqdm import tqdm
 
-        jobs = tqdm(jobs, desc="codecs", unit="codec", leave=False)
+        jobs = tqdm(jobs, desc=f"{bits}-bit codecs", unit="codec", leave=False)
+    rows = []
     for tname, codec in jobs:
         row = {
             "tensor": tname,
@@ -306,13 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a baseline failing on this CPU is reported, not fatal
             row["status"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
         rows.append(row)
-    print(
-        f"{shape[0]}x{shape[1]} fp32 tensors, block {BLOCK}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, median of {repeats}, bias over {draws} draws"
-    )
-    print(format_table(rows, COLUMNS))
-    parity = {t: _dynamic8_parity(x) for t, x in tensors.items()}
-    print(f"\ndion_lp dynamic8 vs bitsandbytes quantize_blockwise (nearest): {parity}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure every codec on every tensor; print the tables; write CSV + JSON per table."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = (64, 256) if args.quick else SHAPE
+    repeats, draws = (2, 8) if args.quick else (args.repeats, args.draws)
+    libs = [lib for lib in args.libs.split(",") if lib]
+    tensors = make_tensors(shape)
     meta = {
         "command": " ".join(["python -m benchmarks.codecs", *argv]),
         "environment": environment(),
@@ -320,11 +381,28 @@ def main(argv: list[str] | None = None) -> int:
         "block_size": BLOCK,
         "repeats": repeats,
         "draws": draws,
-        "dynamic8_vs_bitsandbytes": parity,
         "notes": __doc__,
     }
-    write_results(args.out, "codecs", rows, meta)
-    print(f"wrote {args.out}/codecs.{{csv,json}}")
+    header = (
+        f"{shape[0]}x{shape[1]} fp32 tensors, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {repeats}, bias over {draws} draws"
+    )
+    for bits in (int(b) for b in args.bits.split(",") if b):
+        if bits not in BUILDERS:
+            raise ValueError(f"Invalid bits: {bits!r}; expected 8 or 4")
+        codecs, rows = codecs_for(libs, bits)
+        rows += _measure_all(codecs, tensors, args, bits)
+        name = "codecs" if bits == 8 else "codecs_4bit"
+        print(f"\n{bits}-bit codecs: {header}, block {BLOCK} unless named")
+        print(format_table(rows, COLUMNS))
+        extra: dict[str, Any] = {"int4_blocks": list(INT4_BLOCKS)} if bits == 4 else {}
+        if bits == 8:
+            extra["dynamic8_vs_bitsandbytes"] = {t: _dynamic8_parity(x) for t, x in tensors.items()}
+            print(
+                f"\ndion_lp dynamic8 vs bitsandbytes (nearest): {extra['dynamic8_vs_bitsandbytes']}"
+            )
+        write_results(args.out, name, rows, {**meta, **extra})
+        print(f"wrote {args.out}/{name}.{{csv,json}}")
     return 0
 
 

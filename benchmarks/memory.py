@@ -15,7 +15,7 @@ counted once (``benchmarks._rows.state_bytes``). Per parameter = bytes / paramet
 Each measured figure is set beside its closed form computed from the shapes
 (:func:`dion_state_bytes`, :func:`baseline_state_bytes`): Dion's from the
 library's own rules (tensors under ``dion_lp.quant.buffer.MIN_QUANT_NUMEL`` stay fp32,
-8-bit codes plus one fp32 scale per 256, Q of ``min(m, n) x r`` in fp32 with
+codes (int4: two a byte) plus one fp32 scale per 256, Q of ``min(m, n) x r`` in fp32 with
 fp32 momentum else bf16, residual bf16, AdamW's second moment in the unsigned
 dynamic codebook). The closed forms then give the 7B figure without building it.
 
@@ -72,7 +72,7 @@ __all__ = [
 BLOCK_SIZE = 256  # dion_lp's default state block size
 MATRIX_SHAPE = (768, 3072)
 RANK_FRACTIONS = (1.0, 1 / 4, 1 / 16)
-MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3")
+MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3", "int4")
 TARGET_MATRIX = 1.15  # issue 3: int8 momentum, rank 1/16, one matrix
 TARGET_MODEL = 1.2  # issue 3: Dion int8 + Lion int8, whole GPT-2-small
 

@@ -146,13 +146,14 @@ class Config:
 def default_grid(
     shape: tuple[int, int], rank_fraction: float, torchao_compile: bool
 ) -> list[Config]:
-    """Dion in four formats (SR; nearest for the 8-bit ones), AdamW and Lion rules, baselines."""
+    """Dion in five formats (SR; nearest for the 8-bit ones), AdamW and Lion rules, baselines."""
     base = Config("dion_lp", shape=shape, rank_fraction=rank_fraction)
-    dion = [replace(base, fmt=f) for f in ("fp32", "int8", "fp8_e4m3", "dynamic8")]
+    dion = [replace(base, fmt=f) for f in ("fp32", "int8", "fp8_e4m3", "dynamic8", "int4")]
     dion += [
         replace(base, fmt=f, stochastic_rounding=False) for f in ("int8", "fp8_e4m3", "dynamic8")
     ]
     rules = [replace(base, rule=r, fmt=f) for r in ("adamw", "lion") for f in ("fp32", "int8")]
+    rules.append(replace(base, rule="lion", fmt="int4"))
     baselines = [
         replace(base, optimizer=b, rule="adamw", torchao_compile=torchao_compile) for b in BASELINES
     ]

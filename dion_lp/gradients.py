@@ -32,7 +32,10 @@ class NonFiniteGradientError(RuntimeError):
 def finite_gradients(
     param_groups: list[dict[str, Any]], process_group: Any, world_size: int, stats: CommStats
 ) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
-    """(param group, param, fp32 grad) of every param to step, non-finite ones handled.
+    """(param group, param, grad) of every param to step, non-finite ones handled.
+
+    The gradient is ``p.grad`` itself (any float dtype; zeros in fp32 where a rank has
+    none); the step reads it in fp32 one row block at a time.
 
     Replicated (``world_size`` > 1 over ``process_group``) or sharded, the ranks agree
     first, so they skip or raise together; a param with a gradient on some ranks
@@ -75,7 +78,8 @@ def finite_gradients(
                     "parameters."
                 )
             continue
-        grad = p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+        # in its own dtype: the step converts row blocks to fp32 (no whole fp32 copy)
+        grad = p.grad if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
         out.append((group, p, grad))
     return out
 

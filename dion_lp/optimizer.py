@@ -51,7 +51,8 @@ class Dion(torch.optim.Optimizer):
         rank_fraction: r = ceil(rank_fraction * min(m, n)), in (0, 1].
         rank_multiple_of: r is rounded up to a multiple of this (>= 1), capped at min(m, n).
         momentum_dtype: storage of the momentum and of the element-wise states:
-            "fp32", "bf16", "int8", "fp8_e4m3", "dynamic8".
+            "fp32", "bf16", "int8", "fp8_e4m3", "dynamic8", "int4" (two codes a
+            byte; AdamW's second moment then stays in the unsigned dynamic8).
         comm_dtype: wire format of the factor exchange: "fp32", "bf16",
             "fp8_e4m3", "fp8_e5m2".
         stochastic_rounding: round low-precision state stochastically (unbiased).
@@ -223,7 +224,7 @@ class Dion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_params(self, items: list[tuple[dict[str, Any], Tensor, Tensor]]) -> None:
-        """Step the given (group, param, fp32 grad) triples (:meth:`_finite_grads`) in place.
+        """Step the given (group, param, grad) triples (:meth:`_finite_grads`) in place.
 
         In one process parameters are independent (each Dion matrix steps alone):
         stepping subsets, in any order, gives the bits of one whole step
@@ -264,7 +265,7 @@ class Dion(torch.optim.Optimizer):
             dion_step_(part, sharded, seed=self._seed)
 
     def _finite_grads(self) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
-        """(group, param, fp32 grad) of every param to step (:func:`finite_gradients`)."""
+        """(group, param, grad) of every param to step (:func:`finite_gradients`)."""
         return finite_gradients(self.param_groups, self._group, self._world_size, self._stats)
 
     def _sync_elementwise_grads(self, items: list[tuple[Any, ...]]) -> None:
@@ -276,6 +277,7 @@ class Dion(torch.optim.Optimizer):
         if not self._grad_sync:
             return
         by_key: dict[tuple[bool, str], list[Tensor]] = {}
+        items[:] = [(g, p, grad.float(), pl, i) for g, p, grad, pl, i in items]  # averaged in fp32
         for group, _, grad, place, _ in items:
             fmt = "fp32" if group["comm_dtype"] == "fp32" else "bf16"
             by_key.setdefault((place.sharded, fmt), []).append(grad)

@@ -18,10 +18,11 @@ from dion_lp.quant.buffer import (
     row_blocks,
     storage_format,
 )
+from dion_lp.quant.formats import format_info
 from dion_lp.quant.rng import key_tensor
 
 LIKE_SHAPE = (96, 64)  # 6144 elements: quantized (>= MIN_QUANT_NUMEL), rows of 64
-SCALED = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
+SCALED = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8", "int4")
 
 
 def create(state: dict, name: str, shape: tuple[int, ...], fmt: str, block_size: int = 256):
@@ -48,7 +49,8 @@ def test_create_makes_zero_buffer_in_row_blocks(fmt: str) -> None:
     state: dict = {}
     buf = create(state, "exp_avg", LIKE_SHAPE, fmt)
     codes = state["exp_avg_codes"]
-    assert codes.shape == LIKE_SHAPE and codes.dtype == quant.code_dtype(fmt)
+    assert codes.shape == (96, format_info(fmt).code_count(64))  # int4: two codes a byte
+    assert codes.dtype == quant.code_dtype(fmt)
     assert state["exp_avg_format"] == {
         "fmt": fmt,
         "block_size": 256,
@@ -78,7 +80,7 @@ def test_write_read_equals_quantize_of_each_row_block(fmt: str, stochastic: bool
     buf.write(x, stochastic=stochastic, key=3)
     assert state["m_codes"] is codes_before  # written in place
     # the flat codec with the same stream key: element (i, j) is global index 300 i + j
-    codes = torch.empty(x.numel(), dtype=quant.code_dtype(fmt))
+    codes = torch.empty(format_info(fmt).code_count(x.numel()), dtype=quant.code_dtype(fmt))
     scales = torch.empty(quant.scale_count(x.numel(), 100, fmt)) if fmt in SCALED else None
     key = key_tensor(3) if stochastic else None
     quant.encode_(x, codes, scales, fmt, 100, stochastic, key=key)

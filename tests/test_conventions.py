@@ -184,8 +184,8 @@ BAD_GROUPS = {
     "vector in a dion group": (lambda m: {"params": [_vector()]}, "Invalid parameter #0"),
     "bool lr": (lambda m: {"params": [_matrix()], "lr": True}, "Invalid lr: True"),
     "unknown format": (
-        lambda m: {"params": [_matrix()], "momentum_dtype": "int4"},
-        "Invalid momentum_dtype: 'int4'",
+        lambda m: {"params": [_matrix()], "momentum_dtype": "int3"},
+        "Invalid momentum_dtype: 'int3'",
     ),
     "integer tensor": (lambda m: {"params": [torch.zeros(8, 8, dtype=torch.long)]}, "int64"),
     "another device": (

@@ -101,7 +101,7 @@ def test_rank_rounding():
         ({"betas": (0.9, 1.0)}, r"Invalid betas\[1\]: 1.0"),
         ({"betas": (-0.1, 0.9)}, r"Invalid betas\[0\]: -0.1"),
         ({"eps": 0.0}, "Invalid eps: 0.0"),
-        ({"momentum_dtype": "int4"}, "Invalid momentum_dtype: 'int4'"),
+        ({"momentum_dtype": "int3"}, "Invalid momentum_dtype: 'int3'"),
         ({"comm_dtype": "fp16x"}, "Invalid comm_dtype: 'fp16x'"),
         ({"algorithm": "sgd"}, "Invalid algorithm: 'sgd'"),
         ({"nonfinite": "ignore"}, "Invalid nonfinite: 'ignore'"),

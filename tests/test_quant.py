@@ -19,9 +19,11 @@ from torch import Tensor
 
 from dion_lp import quant
 from dion_lp.quant import FORMATS, SCALED_FORMATS, dequantize, quantize
+from dion_lp.quant.formats import format_info
+from dion_lp.quant.rounding import unpack_int4
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-GRID_MAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+GRID_MAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int4": 7.0}
 DYNAMIC = ("dynamic8", "udynamic8")
 EIGHT_BIT = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
 
@@ -29,8 +31,9 @@ EIGHT_BIT = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
 # ------------------------------------------------------------------ oracles
 def full_grid(fmt: str) -> Tensor:
     """Every finite value of ``fmt``'s code grid, sorted, float64 (scale 1)."""
-    if fmt == "int8":
-        return torch.arange(-127, 128, dtype=torch.float64)
+    if fmt in ("int8", "int4"):
+        top = int(GRID_MAX[fmt])
+        return torch.arange(-top, top + 1, dtype=torch.float64)
     if fmt in FP8_DTYPES:
         values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPES[fmt]).double()
         return torch.unique(values[torch.isfinite(values)])  # +0 and -0 merge
@@ -51,7 +54,7 @@ def make_input(numel: int, seed: int, zeros: bool = True) -> Tensor:
 
 
 def per_element_scale(q: quant.QuantizedTensor) -> Tensor:
-    numel = q.codes.numel()
+    numel = math.prod(q.shape)
     return q.scales.repeat_interleave(q.block_size)[:numel]
 
 
@@ -72,6 +75,8 @@ def code_values(q: quant.QuantizedTensor) -> Tensor:
     """The grid value (scale 1) each code stands for, float64."""
     if q.fmt in DYNAMIC:
         return quant.dynamic_map(signed=q.fmt == "dynamic8").double()[q.codes.long()]
+    if q.fmt == "int4":  # two codes a byte
+        return unpack_int4(q.codes.view(1, -1)).view(-1)[: math.prod(q.shape)].double()
     return q.codes.double()
 
 
@@ -271,8 +276,8 @@ def test_invalid_arguments_raise() -> None:
     for block_size in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="block_size"):
             quantize(x, "int8", block_size=block_size)
-    with pytest.raises(ValueError, match=r"Invalid fmt: 'int4'; expected one of"):
-        quantize(x, "int4")
+    with pytest.raises(ValueError, match=r"Invalid fmt: 'int3'; expected one of"):
+        quantize(x, "int3")
     with pytest.raises(ValueError, match="Invalid comm_dtype: 'x'"):
         quant.check_format("x", ("fp32", "bf16"), name="comm_dtype")
     with pytest.raises(ValueError, match="non-negative"):
@@ -288,7 +293,7 @@ def test_invalid_arguments_raise() -> None:
 def test_empty_and_scalar_tensors(fmt: str, shape: tuple[int, ...]) -> None:
     x = torch.full(shape, 0.75)
     q = quantize(x, fmt, block_size=4, stochastic=True)
-    assert q.codes.numel() == x.numel() and q.shape == x.shape
+    assert q.codes.numel() == format_info(fmt).code_count(x.numel()) and q.shape == x.shape
     assert q.nbytes == quant.encoded_nbytes(x.numel(), fmt, 4)
     back = dequantize(q)
     assert back.shape == x.shape and back.dtype == torch.float32
@@ -305,7 +310,7 @@ def test_saturates_instead_of_overflowing(fmt: str) -> None:
 
 
 def test_sizes_and_nbytes() -> None:
-    assert [quant.bytes_per_element(f) for f in FORMATS] == [4, 2, 1, 1, 1, 1, 1]
+    assert [quant.bytes_per_element(f) for f in FORMATS] == [4, 2, 1, 1, 1, 1, 1, 0.5]
     assert quant.scale_count(1000, 256, "int8") == 4
     assert quant.scale_count(1024, 256, "fp8_e4m3") == 4
     assert quant.scale_count(1000, 256, "bf16") == 0
@@ -315,7 +320,7 @@ def test_sizes_and_nbytes() -> None:
     for fmt in FORMATS:
         q = quantize(torch.randn(33, 31).abs(), fmt, block_size=64)
         scale_bytes = 0 if q.scales is None else 4 * 16
-        assert q.nbytes == 1023 * quant.bytes_per_element(fmt) + scale_bytes
+        assert q.nbytes == math.ceil(1023 * quant.bytes_per_element(fmt)) + scale_bytes
         assert q.nbytes == quant.encoded_nbytes(1023, fmt, 64)
 
 
@@ -336,7 +341,7 @@ def test_encode_into_wire_bytes_and_decode(fmt: str) -> None:
     x = make_input(1000, seed=8).abs()
     q = quantize(x, fmt, block_size=128)
     count = quant.scale_count(1000, 128, fmt)
-    row = torch.zeros(4 * count + 1000 * quant.bytes_per_element(fmt), dtype=torch.uint8)
+    row = torch.zeros(4 * count + int(1000 * quant.bytes_per_element(fmt)), dtype=torch.uint8)
     scales = row[: 4 * count].view(torch.float32) if count else None
     codes = row[4 * count :]
     quant.encode_(x, codes, scales, fmt, 128, False, None)
@@ -464,7 +469,7 @@ def test_round_trip_error_bound(data, fmt: str, stochastic: bool) -> None:
     q = quantize(x, fmt, block_size=block_size, stochastic=stochastic)
     back = dequantize(q)
     assert back.shape == x.shape and torch.isfinite(back).all()
-    assert q.codes.numel() == x.numel()
+    assert q.codes.numel() == format_info(fmt).code_count(x.numel())
     assert q.nbytes == quant.encoded_nbytes(x.numel(), fmt, block_size)
     if fmt == "fp32" or x.numel() == 0:
         assert torch.equal(back, x)

@@ -47,7 +47,7 @@ __all__ = [
 
 # A low-precision momentum of more than WHOLE_NUMEL elements (16 MiB in fp32) is
 # never decoded whole: each pass of the step decodes, uses and drops one row block
-# of at most quant.buffer.BLOCK_NUMEL elements (4 MiB in fp32) at a time. Smaller
+# of at most quant.buffer.BLOCK_NUMEL elements (1 MiB in fp32) at a time. Smaller
 # momenta are decoded once per step (fewer passes: faster).
 WHOLE_NUMEL = 2**22
 
@@ -61,7 +61,7 @@ class DionMatrix:
     """
 
     param: Tensor
-    grad: Tensor  # fp32, this rank's part, shaped like the local parameter
+    grad: Tensor  # this rank's part, shaped like the local parameter (any float dtype)
     group: dict[str, Any]
     state: dict[str, Any]
     index: int  # the parameter's position in the optimizer (seeds Q and the rounding)
@@ -103,7 +103,7 @@ class DionMatrix:
         """
         if self.B is not None:
             return self.B[r0:r1]
-        G = self.place.to_rows(self.grad)[r0:r1]
+        G = self.place.to_rows(self.grad)[r0:r1].float()
         out = self.scratch if reuse else None
         B = QuantizedBuffer(self.state, "momentum").read(add=G, rows=(r0, r1), out=out)
         residual = self.state.get("momentum_residual")
@@ -217,11 +217,11 @@ def read_momentum_(mat: DionMatrix) -> None:
     k, U = mat.place.length, mat.place.row_numel
     if buf.fmt != "fp32" and k * U > WHOLE_NUMEL:
         mat.blocks = tuple(block_ranges(k, U))
-        width = local(mat.state["momentum_codes"]).shape[1]  # rows padded to whole blocks
+        width = buf.width  # elements per stored row (padded to whole blocks)
         most = max(r1 - r0 for r0, r1 in mat.blocks)
         mat.scratch = torch.empty(most * width, dtype=torch.float32, device=mat.Q.device)
         return
-    B = buf.read(add=mat.place.to_rows(mat.grad))
+    B = buf.read(add=mat.place.to_rows(mat.grad).float())
     residual = mat.state.get("momentum_residual")
     if residual is not None:
         B = B.add_(local(residual))

@@ -190,7 +190,8 @@ def elementwise_step_(
 
     Args:
         p: parameter; this rank's part is updated in its own dtype.
-        grad: fp32 gradient of this rank's part, shaped like it.
+        grad: gradient of this rank's part, shaped like it (any float dtype: read in fp32
+            one row block at a time).
         group: the param group (algorithm, lr, betas, eps, weight_decay, formats).
         st: the parameter's state dict; initialised on first use.
         place: where ``p``'s rows live.
@@ -211,7 +212,7 @@ def elementwise_step_(
     if not (_is_view(X_rows, X) and _is_view(G_rows, grad)):  # rows copied: the whole tensor
         bufs = {name: place.from_rows(buf.read(), X.shape) for name, buf in buffers.items()}
         flat = partial(_write_flat, write=partial(write, first=place.start * U))
-        apply_rule_(X, grad, bufs, group, st["step"], flat)
+        apply_rule_(X, grad.float(), bufs, group, st["step"], flat)
         bufs = {name: place.to_rows(b) for name, b in bufs.items()}
         _write_states(buffers, bufs, None, group, keys, place.start)
         return
@@ -219,7 +220,7 @@ def elementwise_step_(
         r0, r1 = rows
         bufs = {name: buf.read(rows=rows) for name, buf in buffers.items()}
         at = partial(write, first=(place.start + r0) * U)
-        apply_rule_(X_rows[r0:r1], G_rows[r0:r1], bufs, group, st["step"], at)
+        apply_rule_(X_rows[r0:r1], G_rows[r0:r1].float(), bufs, group, st["step"], at)
         _write_states(buffers, bufs, rows, group, keys, place.start)
 
 

@@ -3,7 +3,8 @@
 A buffer ``name`` lives in a per-parameter state dict as plain entries, so the
 dict saves with ``torch.save`` / DCP and loads with ``torch.load(weights_only=True)``:
 
-- ``state[f"{name}_codes"]``: ``(rows, width)`` codes in the format's code dtype;
+- ``state[f"{name}_codes"]``: ``(rows, width)`` codes in the format's code dtype
+  (int4: ``(rows, width / 2)`` bytes, two codes a byte along the row);
 - ``state[f"{name}_scales"]``: ``(rows, nb)`` float32, scaled formats only;
 - ``state[f"{name}_format"]``: ``{"fmt", "block_size", "row_block", "row_numel",
   "version"}``.
@@ -12,7 +13,9 @@ Row-block layout. A tensor is seen as ``rows`` rows of ``row_numel`` elements
 along its *row dim* (dim 0 for a plain tensor; the sharded dim of an FSDP2
 parameter, so each rank holds whole rows). Each row is cut into
 ``nb = ceil(row_numel / block_size)`` blocks of ``row_block = ceil(row_numel / nb)``
-elements (padded with zeros to ``width = nb * row_block``), one scale per block.
+elements (padded with zeros to ``width = nb * row_block``), one scale per block;
+int4 rounds ``row_block`` up to an even number, so that blocks, rows and row
+shards are whole bytes (:mod:`dion_lp.quant.int4`).
 Block boundaries never depend on how the rows are split over ranks: with
 nearest rounding a buffer's codes are the same on any number of shards, and a
 sharded checkpoint reshards exactly. For a DTensor the entries are DTensors
@@ -38,7 +41,7 @@ from torch import Tensor
 
 from ..dist.dtensor import local
 from . import codecs, kernels
-from .formats import format_info
+from .formats import SCALE_NBYTES, format_info
 from .rng import key_tensor
 
 __all__ = [
@@ -58,8 +61,8 @@ BUFFER_VERSION = 2  # 1: dion_lp 0.1.0's flat blocks (plain) or "_sharded" recor
 MIN_QUANT_NUMEL = 4096
 MIN_ROW_NUMEL = 32
 # Elements of the row blocks a step decodes, updates and re-encodes at a time
-# (4 MiB in fp32): the step's temporaries stay this size whatever the tensor's.
-BLOCK_NUMEL = 2**20
+# (1 MiB in fp32): the step's temporaries stay this size whatever the tensor's.
+BLOCK_NUMEL = 2**18
 
 
 def block_ranges(rows: int, row_numel: int, numel: int | None = None) -> list[tuple[int, int]]:
@@ -77,10 +80,15 @@ def storage_format(fmt: str, rows: int, row_numel: int) -> str:
     return fmt
 
 
-def row_blocks(row_numel: int, block_size: int) -> tuple[int, int]:
-    """(blocks per row, elements per block) of a row of ``row_numel`` elements."""
+def row_blocks(row_numel: int, block_size: int, pack: int = 1) -> tuple[int, int]:
+    """(blocks per row, elements per block) of a row of ``row_numel`` elements.
+
+    ``nb = ceil(row_numel / block_size)`` blocks of ``ceil(row_numel / nb)`` elements,
+    rounded up to a multiple of ``pack`` (the format's codes per byte: 2 for int4).
+    """
     nb = max(1, -(-row_numel // block_size))
-    return nb, -(-row_numel // nb)
+    eb = -(-row_numel // nb)
+    return nb, -(-eb // pack) * pack
 
 
 def buffer_nbytes(shape: tuple[int, ...], fmt: str, block_size: int, row_dim: int = 0) -> int:
@@ -88,9 +96,9 @@ def buffer_nbytes(shape: tuple[int, ...], fmt: str, block_size: int, row_dim: in
     rows, U = row_shape(shape, row_dim)
     info = format_info(storage_format(fmt, rows, U))
     if not info.scaled:
-        return rows * U * info.bytes_per_element
-    nb, eb = row_blocks(U, block_size)
-    return rows * nb * (eb * info.bytes_per_element + 4)
+        return rows * info.code_nbytes(U)
+    nb, eb = row_blocks(U, block_size, info.pack)
+    return rows * nb * (info.code_nbytes(eb) + SCALE_NBYTES)
 
 
 def _chunk(width: int) -> int:
@@ -143,22 +151,24 @@ class QuantizedBuffer:
         codecs.check_block_size(block_size)
         stored = storage_format(fmt, rows, row_numel)
         info = format_info(stored)
-        nb, eb = row_blocks(row_numel, block_size) if info.scaled else (0, row_numel)
+        nb, eb = row_blocks(row_numel, block_size, info.pack) if info.scaled else (0, row_numel)
         width = nb * eb if info.scaled else row_numel
-        codes = torch.zeros(local_rows, width, dtype=info.code_dtype, device=device)
+        codes = torch.zeros(
+            local_rows, info.code_count(width), dtype=info.code_dtype, device=device
+        )
         wrap = wrap or (lambda t, shape: t)
         if info.scaled:
             scales = torch.zeros(local_rows, nb, dtype=torch.float32, device=device)
             # zero is not code 0 of every codebook (dynamic8): encode one block of
             # zeros and repeat its codes (no temporary of the buffer's size)
-            zero_codes = torch.empty(eb, dtype=info.code_dtype, device=device)
+            zero_codes = torch.empty(info.code_count(eb), dtype=info.code_dtype, device=device)
             zeros = torch.zeros(eb, dtype=torch.float32, device=device)
             codecs.encode_(zeros, zero_codes, torch.empty(1, device=device), stored, eb)
-            codes.view(-1, eb).copy_(zero_codes)
+            codes.view(-1, zero_codes.numel()).copy_(zero_codes)
             state[f"{name}_scales"] = wrap(scales, (rows, nb))
         else:
             state.pop(f"{name}_scales", None)
-        state[f"{name}_codes"] = wrap(codes, (rows, width))
+        state[f"{name}_codes"] = wrap(codes, (rows, codes.shape[1]))  # int4: bytes
         state[f"{name}_format"] = {
             "fmt": stored,
             "block_size": block_size,
@@ -172,6 +182,11 @@ class QuantizedBuffer:
     def fmt(self) -> str:
         """The stored format (after the small-buffer rule)."""
         return self.info["fmt"]
+
+    @property
+    def width(self) -> int:
+        """Elements of a stored row: ``row_numel`` padded to whole blocks (codes, not bytes)."""
+        return self._codes().shape[1] * format_info(self.fmt).pack
 
     def _codes(self) -> Tensor:
         return local(self.state[f"{self.name}_codes"])
@@ -199,25 +214,27 @@ class QuantizedBuffer:
             add: ``(r1 - r0, row_numel)`` fp32 added to the decoded rows.
             rows: ``(r0, r1)``: only local rows ``r0:r1`` (a row block: the
                 temporaries are that block's size); None: all of them.
-            out: a contiguous fp32 tensor of at least ``(r1 - r0) * row_numel``
-                elements the result may be written into (a scratch block reused
-                across calls); ignored for fp32 buffers.
+            out: a contiguous fp32 tensor the result may be written into (a scratch
+                block reused across calls) if it has at least ``(r1 - r0) * width``
+                elements (:attr:`width`); ignored if shorter, and for fp32 buffers.
         """
         codes, U = self._rows(self._codes(), rows), self.info["row_numel"]
         if self.fmt == "fp32":
             return codes if add is None else codes.add_(add)
-        scales = self._scales(rows)
-        k, width = codes.shape
+        scales, info = self._scales(rows), format_info(self.fmt)
+        k, width = codes.shape[0], codes.shape[1] * info.pack  # width in elements
         if out is not None:
-            out = out.view(-1)[: k * width].view(k, width)
+            out = out.view(-1)[: k * width].view(k, width) if out.numel() >= k * width else None
         if self.fmt in ("dynamic8", "udynamic8"):  # codebook lookups: the eager codec
             return self._read_codebook(codes, scales, add, out)
-        eb = self.info["row_block"] if format_info(self.fmt).scaled else _chunk(U)
+        eb = self.info["row_block"] if info.scaled else _chunk(U)
+        decode = kernels.decode_int4_blocks if self.fmt == "int4" else kernels.decode_blocks
+        blocks = codes.view(-1, eb // info.pack)  # one block per row (int4: eb / 2 bytes)
         if width == U and (add is None or add.is_contiguous()):  # blocks of whole rows
             blocks_add = None if add is None else add.view(-1, eb)
             out = None if out is None else out.view(-1, eb)
-            return kernels.decode_blocks(codes.view(-1, eb), scales, blocks_add, out).view(k, U)
-        values = kernels.decode_blocks(codes.view(-1, eb), scales).view(k, width)[:, :U]
+            return decode(blocks, scales, blocks_add, out).view(k, U)
+        values = decode(blocks, scales).view(k, width)[:, :U]
         return values if add is None else values + add
 
     def _read_codebook(
@@ -277,7 +294,7 @@ class QuantizedBuffer:
             return
         if stochastic and key is None:
             raise ValueError(f"Invalid key: None; stochastic rounding of {self.name!r} needs one")
-        width = codes.shape[1]
+        width = codes.shape[1] * format_info(self.fmt).pack  # elements of a padded row
         first = row0 + (0 if rows is None else rows[0])  # global index of x's first row
         rng = None if not stochastic else key_tensor(key, first * width, codes.device)
         x = x.float()
@@ -326,19 +343,20 @@ class QuantizedBuffer:
                 f"Invalid state buffer {name!r}: saved with fmt {info['fmt']!r}, "
                 f"but this run uses fmt {want!r} (requested {fmt!r})"
             )
-        scaled = format_info(want).scaled
+        stored = format_info(want)
+        scaled = stored.scaled
         if scaled and info["block_size"] != block_size:
             raise ValueError(
                 f"Invalid state buffer {name!r}: saved with block_size {info['block_size']!r}, "
                 f"but this run uses block_size {block_size!r}"
             )
-        nb, eb = row_blocks(U, block_size) if scaled else (0, U)
+        nb, eb = row_blocks(U, block_size, stored.pack) if scaled else (0, U)
         scales = self.state.get(f"{name}_scales")
         bad_scales = scaled and (
             scales is None or tuple(scales.shape) != (rows, nb) or scales.dtype != torch.float32
         )
-        width = nb * eb if scaled else U
-        dtype = format_info(want).code_dtype
+        width = stored.code_count(nb * eb if scaled else U)  # int4: bytes of two codes
+        dtype = stored.code_dtype
         if codes.dtype != dtype or codes.shape[1] != width or bad_scales or info["row_block"] != eb:
             raise ValueError(
                 f"Invalid state buffer {name!r}: codes {codes.dtype} {tuple(codes.shape)} do "

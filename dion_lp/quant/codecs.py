@@ -1,8 +1,9 @@
 """Codecs for low-precision state and communication: pure functions, one interface.
 
-Every format turns a float tensor into ``codes`` (one per element, no padding)
-and, for the 8-bit formats, one float32 ``scale`` per block of ``block_size``
-consecutive elements of the flattened tensor (the last block may be short).
+Every format turns a float tensor into ``codes`` (one per element, no padding;
+int4 packs two a byte) and, for the scaled formats, one float32 ``scale`` per
+block of ``block_size`` consecutive elements of the flattened tensor (the last
+block may be short).
 
 =============  ==================  ===================  ==============================
 format         codes dtype         scale per block      decoded value
@@ -14,6 +15,7 @@ format         codes dtype         scale per block      decoded value
 ``fp8_e5m2``   float8_e5m2         ``absmax / 57344``   ``code * scale``
 ``dynamic8``   uint8               ``absmax``           ``dynamic_map(True)[code] * scale``
 ``udynamic8``  uint8               ``absmax``           ``dynamic_map(False)[code] * scale``
+``int4``       2 per uint8, [-7,7] ``absmax / 7``       ``code * scale`` (:mod:`.int4`)
 =============  ==================  ===================  ==============================
 
 Rounding is to nearest (ties to even for the float formats and int8, ties to
@@ -33,25 +35,26 @@ each write; :func:`quantize` draws one from ``generator`` (torch's default
 generator when None), so the same generator state gives the same codes. bf16 adds
 16 random bits (exactly unbiased) and fp8 adds 20 (e4m3) or 21 (e5m2) the same
 way (exactly unbiased on normals, under 2^-20 of a step on subnormals); int8
-adds 23 random bits to a fixed-point value with 23 fraction bits (a bias under
-2^-23 of a step); the dynamic codebooks compare 31 random bits with the
+and int4 add 23 random bits to a fixed-point value with 23 fraction bits (a bias
+under 2^-23 of a step); the dynamic codebooks compare 31 random bits with the
 fraction of the grid step (under 2^-24 of a step).
 
-Normalisation: int8 and fp8 divide by the scale (``y = x / scale``); the
+Normalisation: int8, int4 and fp8 divide by the scale (``y = x / scale``); the
 dynamic codebooks multiply by ``1 / absmax`` and clamp to [-1, 1], as
 bitsandbytes does. A block whose absmax is below ~1e-36 gets an fp32
 subnormal scale and loses relative precision (such values are zero for any
 optimizer purpose); an all-zero block stores scale 0 and decodes to zeros.
 
-Everything is computed in float32 with whole-tensor operations; the int8, fp8
-and bf16 rounding runs as one fused kernel (:mod:`dion_lp.quant.kernels`). The
-only Python-level branching is per call (at most two pieces per tensor: the full
-blocks and a short tail block).
+Everything is computed in float32 with whole-tensor operations; the int8, int4
+(rounding and packing), fp8 and bf16 rounding runs as one fused kernel
+(:mod:`dion_lp.quant.kernels`). The only Python-level branching is per call (at
+most two pieces per tensor: the full blocks and a short tail block).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import kernels
+from . import int4, kernels
 from .codebook import codebook_index, dynamic_map, encode_dynamic
 from .formats import FORMATS, REGISTRY, SCALE_NBYTES, SCALED_FORMATS
 from .rng import key_tensor
@@ -107,7 +110,7 @@ def code_dtype(fmt: str) -> torch.dtype:
 
 
 def bytes_per_element(fmt: str) -> int:
-    """Bytes of one code of ``fmt`` (4, 2 or 1), scales not included."""
+    """Bytes of one code of ``fmt`` (4, 2, 1, or 0.5 for int4), scales not included."""
     return REGISTRY[check_format(fmt)].bytes_per_element
 
 
@@ -133,7 +136,7 @@ def encoded_nbytes(numel: int, fmt: str, block_size: int) -> int:
         fmt: a format of :data:`FORMATS`.
         block_size: elements per scale.
     """
-    codes = numel * bytes_per_element(fmt)
+    codes = REGISTRY[check_format(fmt)].code_nbytes(numel)
     return codes + SCALE_NBYTES * scale_count(numel, block_size, fmt)
 
 
@@ -143,7 +146,8 @@ class QuantizedTensor:
     """A tensor in a low-precision format: flat codes plus per-block scales.
 
     Attributes:
-        codes: (numel,) codes in :func:`code_dtype` of ``fmt``.
+        codes: (numel,) codes in :func:`code_dtype` of ``fmt`` (int4: ``ceil(numel / 2)``
+            bytes, two codes a byte).
         scales: (ceil(numel / block_size),) float32 scales, or None for fp32 / bf16.
         fmt: one of :data:`FORMATS`.
         shape: shape of the quantized tensor.
@@ -192,7 +196,8 @@ def quantize(
     check_format(fmt)
     check_block_size(block_size)
     flat = x.detach().reshape(-1)
-    codes = torch.empty(flat.numel(), dtype=REGISTRY[fmt].code_dtype, device=x.device)
+    info = REGISTRY[fmt]
+    codes = torch.empty(info.code_count(flat.numel()), dtype=info.code_dtype, device=x.device)
     count = scale_count(flat.numel(), block_size, fmt)
     scales = (
         torch.empty(count, dtype=torch.float32, device=x.device) if fmt in SCALED_FORMATS else None
@@ -203,8 +208,9 @@ def quantize(
 
 def dequantize(q: QuantizedTensor) -> Tensor:
     """Decode ``q`` into a new float32 tensor of shape ``q.shape`` on the device of ``q.codes``."""
-    out = torch.empty(q.codes.numel(), dtype=torch.float32, device=q.codes.device)
-    decode(q.codes, q.scales, q.fmt, q.block_size, q.codes.numel(), out=out)
+    numel = math.prod(q.shape)
+    out = torch.empty(numel, dtype=torch.float32, device=q.codes.device)
+    decode(q.codes, q.scales, q.fmt, q.block_size, numel, out=out)
     return out.view(q.shape)
 
 
@@ -221,21 +227,6 @@ def _checked_scales(scales: Tensor | None, count: int, name: str) -> Tensor:
         got = "None" if scales is None else f"{scales.numel()} {scales.dtype}"
         raise ValueError(f"Invalid {name}: {got}; expected {count} float32 scales")
     return scales.view(-1)
-
-
-def _pieces(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
-    """Split ``numel`` elements into at most two runs of whole blocks.
-
-    Returns (start, stop, first_block, rows) per run: the full blocks, then the
-    short tail block if ``numel`` is not a multiple of ``block_size``.
-    """
-    full = numel // block_size
-    pieces = []
-    if full:
-        pieces.append((0, full * block_size, 0, full))
-    if full * block_size < numel:
-        pieces.append((full * block_size, numel, full, 1))
-    return pieces
 
 
 def _draw_key(generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -259,8 +250,8 @@ def encode_(
 
     Args:
         x: (numel,) float tensor (flattened if not 1-D; computed in float32).
-        codes_out: (numel,) buffer in :func:`code_dtype` of ``fmt``, or any
-            contiguous buffer of the same bytes (e.g. uint8), viewed as such.
+        codes_out: (numel,) buffer in :func:`code_dtype` of ``fmt`` (int4: ``ceil(numel
+            / 2)`` bytes), or any contiguous buffer of the same bytes, viewed as such.
         scales_out: (scale_count(numel, block_size, fmt),) float32 buffer; None
             (or ignored) for fp32 / bf16.
         fmt: one of :data:`FORMATS`.
@@ -280,8 +271,8 @@ def encode_(
     x = x.detach().reshape(-1).to(torch.float32)
     n = x.numel()
     codes = _as_codes(codes_out, fmt).view(-1)
-    if codes.numel() != n:
-        raise ValueError(f"Invalid codes_out: {codes.numel()} codes for {n} elements")
+    if codes.numel() != REGISTRY[fmt].code_count(n):
+        raise ValueError(f"Invalid codes_out: {codes.numel()} codes for {n} elements of {fmt}")
     if stochastic and key is None and fmt != "fp32":
         key = _draw_key(generator, x.device)
     if fmt not in SCALED_FORMATS:
@@ -301,7 +292,7 @@ def encode_(
 
 def encode_blocks_(
     x: Tensor,  # (n,) fp32
-    codes: Tensor,  # (n,) in fmt's code dtype
+    codes: Tensor,  # (n,) in fmt's code dtype (int4: ceil(n / 2) bytes)
     scales: Tensor,  # (ceil(n / block_size),) fp32
     fmt: str,
     block_size: int,
@@ -309,11 +300,14 @@ def encode_blocks_(
     key: Tensor | None,
 ) -> None:
     """Blocks of a scaled format: absmax checked first, then one fused kernel per run."""
+    if fmt == "int4":
+        int4.encode_(x, codes, scales, block_size, stochastic, key)
+        return
     n = x.numel()
     pieces = []
-    for start, stop, block0, rows in _pieces(n, block_size):
+    for start, stop, block0, rows in kernels.block_runs(n, block_size):
         xb, cb = x[start:stop].view(rows, -1), codes[start:stop].view(rows, -1)
-        kb = None if key is None else key + torch.tensor([0, 0, start], device=key.device)
+        kb = kernels.shift_key(key, start)
         absmax = kernels.absmax_blocks(xb)
         if not bool(torch.isfinite(absmax).all()):
             raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
@@ -341,7 +335,7 @@ def _encode_dynamic_chunks(
     step = max(1, EAGER_CHUNK // max(C, 1))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        kc = None if key is None else key + torch.tensor([0, 0, r0 * C], device=key.device)
+        kc = kernels.shift_key(key, r0 * C)
         encode_dynamic(xb[r0:r1], cb[r0:r1], sb[r0:r1], index, stochastic, kc)
 
 
@@ -357,8 +351,8 @@ def decode(
     """Decode ``numel`` codes into float32.
 
     Args:
-        codes: (numel,) codes in :func:`code_dtype` of ``fmt`` (or the same bytes
-            in another dtype, e.g. uint8 from the wire).
+        codes: (numel,) codes in :func:`code_dtype` of ``fmt`` (int4: ``ceil(numel / 2)``
+            bytes), or the same bytes in another dtype (e.g. uint8 from the wire).
         scales: (scale_count(numel, block_size, fmt),) float32, or None for fp32 / bf16.
         fmt: one of :data:`FORMATS`.
         block_size: elements per scale.
@@ -373,8 +367,8 @@ def decode(
     check_block_size(block_size)
     codes = _as_codes(codes, fmt)
     codes = codes if codes.dim() == 1 else codes.reshape(-1)
-    if codes.numel() != numel:
-        raise ValueError(f"Invalid codes: {codes.numel()} codes for numel={numel}")
+    if codes.numel() != REGISTRY[fmt].code_count(numel):
+        raise ValueError(f"Invalid codes: {codes.numel()} codes for numel={numel} of {fmt}")
     if fmt == "fp32" and out is None:
         return codes
     if out is None:
@@ -382,6 +376,8 @@ def decode(
     if fmt not in SCALED_FORMATS:
         return out.copy_(codes)
     scales = _checked_scales(scales, scale_count(numel, block_size, fmt), "scales")
+    if fmt == "int4":
+        return int4.decode(codes, scales, block_size, numel, out)
     if fmt in ("dynamic8", "udynamic8"):
         torch.index_select(codebook_index(fmt, codes.device).book, 0, codes.int(), out=out)
     elif fmt == "fp8_e4m3" and codes.device.type == "cpu":
@@ -389,7 +385,7 @@ def decode(
         torch.index_select(_e4m3_table(), 0, codes.view(torch.uint8).int(), out=out)
     else:
         out.copy_(codes)
-    for start, stop, block0, rows in _pieces(numel, block_size):
+    for start, stop, block0, rows in kernels.block_runs(numel, block_size):
         out[start:stop].view(rows, -1).mul_(scales[block0 : block0 + rows, None])
     return out
 

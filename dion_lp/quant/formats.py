@@ -14,11 +14,20 @@ format         codes dtype         scaled  used for
 ``fp8_e5m2``   float8_e5m2         yes     wire
 ``dynamic8``   uint8               yes     state
 ``udynamic8``  uint8               yes     non-negative state (AdamW's second moment)
+``int4``       uint8, 2 per byte   yes     state (signed, in [-7, 7])
 =============  ==================  ======  =====================================
 
 A scaled format stores one float32 scale per block of elements. ``built`` says
 whether the optimizer can run with a format: a format in the table that is not
 built is accepted by name and refused with ``NotImplementedError`` (none today).
+
+``int4`` packs two codes per byte (``pack == 2``): element ``2 j`` in the low
+nibble of byte ``j``, element ``2 j + 1`` in the high one, each a two's-complement
+nibble (:mod:`dion_lp.quant.int4`). Its non-negative buffers (AdamW's second
+moment) are kept in ``udynamic8``: a linear 4-bit grid flushes the small second
+moments of a block to zero (Li et al. 2023, "Memory efficient optimizers with
+4-bit states", the zero-point problem), and Dion and Lion need only the signed
+format. Sizes of packed codes: :meth:`Format.code_count` / :meth:`Format.code_nbytes`.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class Format:
         wire: usable as a wire format (``comm_dtype``).
         built: the optimizer can run with it.
         unsigned: the variant used for non-negative state (AdamW's second moment).
+        pack: codes per element of ``code_dtype`` (2 for int4's nibbles, else 1).
     """
 
     name: str
@@ -64,11 +74,21 @@ class Format:
     wire: bool
     built: bool = True
     unsigned: str | None = None
+    pack: int = 1
 
     @property
-    def bytes_per_element(self) -> int:
-        """Bytes of one code (scales not included)."""
-        return self.code_dtype.itemsize
+    def bytes_per_element(self) -> int | float:
+        """Bytes of one code (scales not included): 4, 2, 1, or 0.5 for int4."""
+        size = self.code_dtype.itemsize
+        return size if self.pack == 1 else size / self.pack
+
+    def code_count(self, numel: int) -> int:
+        """Elements of ``code_dtype`` holding ``numel`` codes: ``ceil(numel / pack)``."""
+        return -(-numel // self.pack)
+
+    def code_nbytes(self, numel: int) -> int:
+        """Exact bytes of ``numel`` codes (a trailing half-used int4 byte counts whole)."""
+        return self.code_count(numel) * self.code_dtype.itemsize
 
 
 REGISTRY: dict[str, Format] = {
@@ -89,6 +109,9 @@ REGISTRY: dict[str, Format] = {
         Format("dynamic8", torch.uint8, scaled=True, state=True, wire=False, unsigned="udynamic8"),
         # internal: chosen for non-negative buffers, never asked for by name
         Format("udynamic8", torch.uint8, scaled=True, state=False, wire=False),
+        Format(
+            "int4", torch.uint8, scaled=True, state=True, wire=False, unsigned="udynamic8", pack=2
+        ),
     )
 }
 
@@ -116,6 +139,6 @@ def unsigned_variant(fmt: str) -> str:
 
     AdamW's second moment spans many decades of small positive values; a signed
     absmax code would waste its sign bit and flush the small ones to zero, so the
-    8-bit state formats store it in the unsigned dynamic codebook.
+    8-bit state formats and int4 store it in the unsigned dynamic codebook.
     """
     return format_info(fmt).unsigned or fmt

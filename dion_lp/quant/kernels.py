@@ -3,9 +3,11 @@
 Every kernel works on *blocks*: a ``(R, C)`` tensor, one quantization block (or
 one chunk of a bf16 row) per row. Inductor turns each into one vectorised C++
 loop on a CPU and a Triton kernel on CUDA: decode + add (B = M + G) in one pass,
-absmax in one, scale + (stochastic) rounding + store in one. The eager fallback
-runs the same Python functions and gives the same codes bit for bit (the
-rounding uses only integer and exact float operations; tests/test_kernels.py).
+absmax in one, scale + (stochastic) rounding + store in one (int4: the nibbles
+packed and unpacked inside those passes, ``(R, C // 2)`` bytes per ``(R, C)``
+block). The eager fallback runs the same Python functions and gives the same
+codes bit for bit (the rounding uses only integer and exact float operations;
+tests/test_kernels.py, tests/test_int4.py).
 
 Shapes: the block count R is dynamic from the first call (``mark_dynamic``) and
 the block length C static, so a format gets one graph per block length, whatever
@@ -28,15 +30,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rounding import bf16_codes, bf16_rounded_bits, scaled_codes
+from .rounding import bf16_codes, bf16_rounded_bits, int4_codes, scaled_codes, unpack_int4
 
 __all__ = [
     "absmax_blocks",
+    "block_runs",
     "compile_enabled",
     "decode_blocks",
+    "decode_int4_blocks",
     "encode_bf16_",
+    "encode_int4_",
     "encode_scaled_",
     "set_compile",
+    "shift_key",
 ]
 
 _enabled = os.environ.get("DION_LP_COMPILE", "1") != "0"
@@ -80,6 +86,24 @@ def _run(name: str, fn: Callable[..., Any], blocks: tuple[Tensor, ...], *args: A
     return compiled(*args)
 
 
+def block_runs(numel: int, block_size: int) -> list[tuple[int, int, int, int]]:
+    """Split ``numel`` elements into at most two runs of whole blocks (one kernel call each).
+
+    Returns (start, stop, first_block, rows) per run: the full blocks, then the
+    short tail block if ``numel`` is not a multiple of ``block_size``.
+    """
+    full = numel // block_size
+    runs = [(0, full * block_size, 0, full)] if full else []
+    if full * block_size < numel:
+        runs.append((full * block_size, numel, full, 1))
+    return runs
+
+
+def shift_key(key: Tensor | None, start: int) -> Tensor | None:
+    """``key`` (3,) with its base index moved ``start`` elements on (None stays None)."""
+    return None if key is None else key + torch.tensor([0, 0, start], device=key.device)
+
+
 def _absmax(x: Tensor) -> Tensor:
     return x.abs().amax(dim=1)
 
@@ -120,6 +144,34 @@ def encode_scaled_(
     name = f"encode_{fmt}_{'sr' if stochastic else 'rn'}"
     blocks = (x, codes, scales, absmax)
     _run(name, _encode_scaled, blocks, x, codes, scales, absmax, fmt, stochastic, key)
+
+
+def _encode_int4(
+    x: Tensor,
+    codes: Tensor,
+    scales: Tensor,
+    absmax: Tensor,
+    stochastic: bool,
+    key: Tensor | None,
+) -> None:
+    c, s = int4_codes(x, absmax, stochastic, key)
+    codes.copy_(c)
+    scales.copy_(s)
+
+
+def encode_int4_(
+    x: Tensor,  # (R, C) fp32, one block per row, C even
+    codes: Tensor,  # (R, C // 2) uint8, written: two codes a byte
+    scales: Tensor,  # (R,) fp32, written
+    absmax: Tensor,  # (R,) fp32, finite (absmax_blocks, checked by the caller)
+    stochastic: bool,
+    key: Tensor | None,  # (3,) int64; base = global index of x[0, 0]
+) -> None:
+    """Scales and packed codes of an int4 block per row of ``x``, in one fused kernel
+    (:func:`dion_lp.quant.rounding.int4_codes`)."""
+    name = f"encode_int4_{'sr' if stochastic else 'rn'}"
+    blocks = (x, codes, scales, absmax)
+    _run(name, _encode_int4, blocks, x, codes, scales, absmax, stochastic, key)
 
 
 def _encode_bf16(x: Tensor, codes: Tensor, stochastic: bool, key: Tensor | None) -> None:
@@ -177,4 +229,28 @@ def decode_blocks(
     name = f"decode_{codes.dtype}_{scales is not None}_{add is not None}"
     blocks = tuple(t for t in (codes, scales, add, out) if t is not None)
     _run(name, _decode, blocks, codes, scales, add, out)
+    return out
+
+
+def _decode_int4(codes: Tensor, scales: Tensor, add: Tensor | None, out: Tensor) -> None:
+    values = unpack_int4(codes).float() * scales[:, None]
+    out.copy_(values + add if add is not None else values)
+
+
+def decode_int4_blocks(
+    codes: Tensor, scales: Tensor, add: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
+    """fp32 ``level * scale`` (+ ``add``) of packed int4 blocks, one pass, into ``out``.
+
+    Args:
+        codes: (R, C // 2) uint8, two codes a byte (:func:`dion_lp.quant.rounding.pack_int4`).
+        scales: (R,) fp32 scales.
+        add: optional (R, C) fp32 tensor added to the decoded values (B = M + G).
+        out: optional contiguous (R, C) fp32 tensor written and returned; None: a new one.
+    """
+    if out is None:
+        out = torch.empty(codes.shape[0], 2 * codes.shape[1], device=codes.device)
+    name = f"decode_int4_{add is not None}"
+    blocks = tuple(t for t in (codes, scales, add, out) if t is not None)
+    _run(name, _decode_int4, blocks, codes, scales, add, out)
     return out

@@ -7,10 +7,14 @@ as Triton on CUDA, with the same results. :mod:`dion_lp.quant.kernels` compiles
 them; :mod:`dion_lp.quant.codecs` calls them.
 
 Stochastic rounding is exactly unbiased for bf16 (16 random bits below its
-mantissa) and for fp8 on normals (20 / 21 bits); int8 adds 23 random bits to a
-fixed-point value with 23 fraction bits (a bias under 2^-23 of a step); fp8
-subnormals are shifted into the lowest normal binade first (a bias under 2^-20
-of a grid step).
+mantissa) and for fp8 on normals (20 / 21 bits); int8 and int4 add 23 random bits
+to a fixed-point value with 23 fraction bits (:func:`integer_levels`, the same
+bits for both: a bias under 2^-23 of a step); fp8 subnormals are shifted into the
+lowest normal binade first (a bias under 2^-20 of a grid step).
+
+int4 (:func:`int4_codes`): levels in [-7, 7] of ``x / (absmax / 7)``, packed two
+per byte by :func:`pack_int4` (element ``2 j`` in the low nibble of byte ``j``,
+two's complement) and unpacked by :func:`unpack_int4`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,22 @@ from torch import Tensor
 from .formats import REGISTRY
 from .rng import element_bits
 
-__all__ = ["FP8_GRIDS", "Fp8Grid", "bf16_codes", "bf16_rounded_bits", "scaled_codes"]
+__all__ = [
+    "FP8_GRIDS",
+    "INT4_MAX",
+    "Fp8Grid",
+    "bf16_codes",
+    "bf16_rounded_bits",
+    "int4_codes",
+    "int4_levels",
+    "integer_levels",
+    "pack_int4",
+    "scaled_codes",
+    "unpack_int4",
+]
 
 INT8_MAX = 127.0
+INT4_MAX = 7.0  # symmetric: -8 (nibble 0b1000) is never written
 _INT8_FRACTION_BITS = 23  # stochastic int8: fixed point, 127 * 2**23 < 2**31
 _BF16_MAX = torch.finfo(torch.bfloat16).max
 _BF16_MAX_BITS = 0x7F7F0000  # its fp32 bit pattern
@@ -89,16 +106,7 @@ def scaled_codes(
     y = x / torch.where(scales > 0, scales, 1.0)[:, None]
     y = y.clamp(-top, top)
     if fmt == "int8":
-        if stochastic:
-            # Fixed point with 23 fraction bits (|y| <= 127 fits an int32): adding 23
-            # random bits and shifting them out (a floor, also for negatives) rounds up
-            # with probability frac(y).
-            fixed = (y * 2.0**_INT8_FRACTION_BITS).to(torch.int32)
-            noise = (element_bits(y.shape, key) & ((1 << _INT8_FRACTION_BITS) - 1)).to(torch.int32)
-            codes = ((fixed + noise) >> _INT8_FRACTION_BITS).to(torch.int8)
-        else:
-            codes = y.round().to(torch.int8)
-        return codes, scales
+        return integer_levels(y, stochastic, key).to(torch.int8), scales
     if stochastic:
         y = _fp8_round_stochastic(y, FP8_GRIDS[fmt], key)
     return y.to(REGISTRY[fmt].code_dtype), scales  # exact after SR; nearest-even otherwise
@@ -121,3 +129,62 @@ def _fp8_round_stochastic(y: Tensor, grid: Fp8Grid, key: Tensor | None) -> Tenso
     noise = (element_bits(y.shape, key) & ((1 << drop) - 1)).to(torch.int32)
     bits = ((a + shift).view(torch.int32) + noise) & -(1 << drop)
     return (bits.view(torch.float32) - shift).copysign(y)
+
+
+def integer_levels(y: Tensor, stochastic: bool, key: Tensor | None) -> Tensor:
+    """(R, C) int32 integers rounded from fp32 ``y`` (R, C), ``|y| <= 127``.
+
+    Nearest: ties to even. Stochastic: fixed point with 23 fraction bits (|y| <= 127
+    fits an int32); adding 23 random bits (:func:`dion_lp.quant.rng.element_bits`,
+    element (i, j) the bits of global index ``key[2] + i C + j``) and shifting them
+    out (a floor, also for negatives) rounds up with probability frac(y).
+    """
+    if not stochastic:
+        return y.round().to(torch.int32)
+    fixed = (y * 2.0**_INT8_FRACTION_BITS).to(torch.int32)
+    noise = (element_bits(y.shape, key) & ((1 << _INT8_FRACTION_BITS) - 1)).to(torch.int32)
+    return (fixed + noise) >> _INT8_FRACTION_BITS
+
+
+def int4_levels(
+    x: Tensor,  # (R, C) fp32: R blocks of C elements
+    absmax: Tensor,  # (R,) fp32, finite
+    stochastic: bool,
+    key: Tensor | None,  # (3,) int64; base = global index of x[0, 0]
+) -> tuple[Tensor, Tensor]:
+    """(levels (R, C) int32 in [-7, 7], scales (R,) fp32) of one int4 block per row of ``x``.
+
+    ``scale = absmax / 7``; levels round ``x / scale`` like int8's codes (the same
+    random bits); a zero block keeps scale 0 and zero levels.
+    """
+    scales = absmax / INT4_MAX
+    y = x / torch.where(scales > 0, scales, 1.0)[:, None]
+    return integer_levels(y.clamp(-INT4_MAX, INT4_MAX), stochastic, key), scales
+
+
+def pack_int4(levels: Tensor) -> Tensor:
+    """(R, C // 2) uint8 of int ``levels`` (R, C), C even, in [-8, 7]: two nibbles a byte.
+
+    Element ``2 j`` of a row goes to the low nibble of byte ``j``, ``2 j + 1`` to the
+    high one, each in two's complement (so byte 0 is two zeros).
+    """
+    pairs = levels.reshape(levels.shape[0], -1, 2)
+    return ((pairs[..., 0] & 15) | ((pairs[..., 1] & 15) << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """(R, 2 C) int32 levels in [-8, 7] of ``packed`` (R, C) uint8: :func:`pack_int4` undone."""
+    v = packed.to(torch.int32)
+    low, high = ((v & 15) ^ 8) - 8, ((v >> 4) ^ 8) - 8  # sign-extend each nibble
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
+def int4_codes(
+    x: Tensor, absmax: Tensor, stochastic: bool, key: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(packed codes (R, C // 2) uint8, scales (R,) fp32) of ``x`` (R, C), C even.
+
+    :func:`int4_levels` then :func:`pack_int4`; arguments as for :func:`int4_levels`.
+    """
+    levels, scales = int4_levels(x, absmax, stochastic, key)
+    return pack_int4(levels), scales
