@@ -257,9 +257,13 @@ def _dion_kwargs(mode: str, comm: str, ctx: BuildContext) -> dict[str, Any]:
 
 
 def _dion(
-    scalar: str = "lion", hook_only: bool = False, **options: Any
+    scalar: str = "lion",
+    hook_only: bool = False,
+    scalar_momentum_dtype: str | None = None,
+    **options: Any,
 ) -> Callable[[nn.Module, BuildContext], Any]:
-    """A factory of ``dion_lp.Dion`` with ``options`` on top of :data:`DION`.
+    """A factory of ``dion_lp.Dion`` with ``options`` on top of :data:`DION`
+    (``scalar_momentum_dtype``: the element-wise groups' state format, if not the Dion one).
 
     Tries the modes of :func:`dion_modes` in order (only "hook" when ``hook_only``:
     the row's compression lives in the DDP hook) and tags the optimizer with
@@ -280,6 +284,8 @@ def _dion(
             for group in groups:
                 if group.get("algorithm") != "dion":
                     group["lr"] = SCALAR_LR[scalar]
+                    if scalar_momentum_dtype is not None:
+                        group["momentum_dtype"] = scalar_momentum_dtype
             try:
                 kwargs = {**DION, **options, **_dion_kwargs(mode, comm, ctx), "seed": ctx.seed}
                 opt = dion_lp.Dion(groups, **kwargs)
@@ -326,6 +332,12 @@ ROWS: dict[str, Row] = {
     "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3"),
     "dion_int4_mom": _row_dion(
         momentum_dtype="int4", full_only=True, note="int4 momentum (two codes a byte), SR"
+    ),
+    "dion_int4_mom_lion_int8": _row_dion(
+        momentum_dtype="int4",
+        scalar_momentum_dtype="int8",
+        full_only=True,
+        note="int4 Dion momentum, int8 Lion state (embeddings, head, vectors)",
     ),
     "dion_int8_mom_nearest": _row_dion(momentum_dtype="int8", stochastic_rounding=False),
     "dion_int8_mom_residual": _row_dion(momentum_dtype="int8", momentum_residual=True),

@@ -77,7 +77,17 @@ from ._tables import Column, environment, format_table, write_results
 from .memory import BLOCK_SIZE, DionConfig, _eager_torchao, baseline_state_bytes, dion_state_bytes
 from .shapes import ParamSpec
 
-__all__ = ["Config", "child_row", "closed_form", "default_grid", "main", "run_config"]
+__all__ = [
+    "Config",
+    "child_row",
+    "closed_form",
+    "default_grid",
+    "main",
+    "reset_peak",
+    "run_config",
+    "status_bytes",
+    "trim_heap",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPE = (4096, 4096)
@@ -195,7 +205,7 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> Any:
     return importlib.import_module(module).AdamW8bit(params, lr=1e-3)
 
 
-def _status_kib(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
@@ -204,7 +214,13 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
 
 
-def _trim_heap() -> None:
+def reset_peak() -> None:
+    """Reset the resident-memory high-water mark (``VmHWM``) to the current RSS (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def trim_heap() -> None:
     """Give free heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -228,21 +244,20 @@ def _measure(cfg: Config) -> dict[str, Any]:
     p.grad = torch.randn(cfg.shape, generator=gen)
     opt = build_optimizer(cfg, [p])
     gc.collect()
-    _trim_heap()
+    trim_heap()
     graphs = counters["unique_graphs"]
-    baseline = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    baseline = status_bytes("VmRSS")
+    reset_peak()
     start = time.perf_counter()
     opt.step()
     step_s = time.perf_counter() - start
-    peak, retained = _status_kib("VmHWM") - baseline, _status_kib("VmRSS") - baseline
+    peak, retained = status_bytes("VmHWM") - baseline, status_bytes("VmRSS") - baseline
     gc.collect()
-    _trim_heap()
+    trim_heap()
     return {
         "peak_bytes": peak,
         "retained_bytes": retained,
-        "live_bytes": _status_kib("VmRSS") - baseline,
+        "live_bytes": status_bytes("VmRSS") - baseline,
         "state_bytes": state_bytes(opt),
         "new_graphs": counters["unique_graphs"] - graphs,
         "step_s": step_s,

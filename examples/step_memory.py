@@ -24,8 +24,6 @@ with the step in backward, the largest parameter's) + the optimizer's state.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -36,30 +34,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from benchmarks.transient import reset_peak, status_bytes, trim_heap
+
 __all__ = ["MARKER", "probe", "run_probe"]
 
 MARKER = "STEP_MEMORY "
 MMAP_THRESHOLD = 65536
 MIB = 2**20
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _trim() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 Batch = tuple[Tensor, Tensor, Tensor]
@@ -90,17 +71,19 @@ def probe(
     opt = make_opt(model)
     _steps(model, opt, step, train[:2])  # compile whatever compiles
     del model, opt
-    _trim()
+    gc.collect()
+    trim_heap()
     model = make_model()
-    _trim()
-    base = _status_bytes("VmRSS")
-    _reset_peak()
+    gc.collect()
+    trim_heap()
+    base = status_bytes("VmRSS")
+    reset_peak()
     opt = make_opt(model)
     _steps(model, opt, step, tiny)
-    above_tiny = _status_bytes("VmHWM") - base
-    _reset_peak()
+    above_tiny = status_bytes("VmHWM") - base
+    reset_peak()
     _steps(model, opt, step, train)
-    above_train = _status_bytes("VmHWM") - base
+    above_train = status_bytes("VmHWM") - base
     params = list(model.parameters())
     return {
         "weights_bytes": sum(p.numel() * p.element_size() for p in params),

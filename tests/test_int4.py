@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from _models import train_student
 from torch import nn
 
 import dion_lp
@@ -259,31 +260,18 @@ def test_compiled_kernels_equal_eager(compiled) -> None:
 
 # ----------------------------------------------------------------- the optimizer
 def _teacher_student(momentum_dtype: str, rank_fraction: float, steps: int = 100) -> float:
-    """Held-out cross-entropy of a 32-128-128-8 student of a fixed random teacher (the task
-    of tests/test_training.py), Dion on the hidden matrices, AdamW on the rest."""
-    gen = torch.Generator().manual_seed(1)
-    W1, W2 = torch.randn(32, 64, generator=gen) / 32**0.5, torch.randn(64, 8, generator=gen) / 8
-    teacher = lambda x: (torch.tanh(x @ W1) @ W2 * 3).argmax(1)  # noqa: E731
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 8)
-    )
-    hidden = [model[0].weight, model[2].weight]
-    rest = [model[0].bias, model[2].bias, model[4].weight, model[4].bias]
-    opt = dion_lp.Dion(
-        [{"params": hidden}, {"params": rest, "algorithm": "adamw", "lr": 3e-3}],
-        lr=0.01, rank_fraction=rank_fraction, momentum_dtype=momentum_dtype,
-    )  # fmt: skip
-    data = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        x = torch.randn(128, 32, generator=data)
-        loss = nn.functional.cross_entropy(model(x), teacher(x))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x_val = torch.randn(1024, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        return nn.functional.cross_entropy(model(x_val), teacher(x_val)).item()
+    """Held-out cross-entropy of the student of tests/_models.py's teacher, Dion on the
+    hidden matrices, AdamW on the rest."""
+
+    def make(model: nn.Module) -> dion_lp.Dion:
+        hidden = [model[0].weight, model[2].weight]
+        rest = [model[0].bias, model[2].bias, model[4].weight, model[4].bias]
+        return dion_lp.Dion(
+            [{"params": hidden}, {"params": rest, "algorithm": "adamw", "lr": 3e-3}],
+            lr=0.01, rank_fraction=rank_fraction, momentum_dtype=momentum_dtype,
+        )  # fmt: skip
+
+    return train_student(make, steps)
 
 
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.25])

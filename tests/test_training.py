@@ -17,37 +17,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from _models import train_student
 
 import dion_lp
 
 STEPS = 300
-
-
-def _teacher():
-    gen = torch.Generator().manual_seed(1)
-    W1 = torch.randn(32, 64, generator=gen) / 32**0.5
-    W2 = torch.randn(64, 8, generator=gen) / 8
-    return lambda x: (torch.tanh(x @ W1) @ W2 * 3).argmax(1)
-
-
-def _train(make_optimizer, steps=STEPS):
-    teacher = _teacher()
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 128), nn.GELU(), nn.Linear(128, 8)
-    )
-    opt = make_optimizer(model)
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(steps):
-        x = torch.randn(128, 32, generator=gen)
-        loss = nn.functional.cross_entropy(model(x), teacher(x))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    x_val = torch.randn(1024, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        return nn.functional.cross_entropy(model(x_val), teacher(x_val)).item()
 
 
 def _dion(rank_fraction, **kw):
@@ -68,27 +42,27 @@ def _dion(rank_fraction, **kw):
 
 @pytest.fixture(scope="module")
 def adamw_loss():
-    return _train(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
+    return train_student(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
 
 
 @pytest.mark.parametrize("rank_fraction", [1.0, 0.25])
 def test_dion_trains_like_adamw(adamw_loss, rank_fraction):
-    initial = _train(lambda model: torch.optim.SGD(model.parameters(), lr=0.0), steps=0)
-    loss = _train(_dion(rank_fraction))
+    initial = train_student(lambda model: torch.optim.SGD(model.parameters(), lr=0.0), steps=0)
+    loss = train_student(_dion(rank_fraction))
     assert loss < 0.3 * initial
     assert loss < 1.15 * adamw_loss, (loss, adamw_loss)
 
 
 @pytest.fixture(scope="module")
 def dion_fp32_loss():
-    return _train(_dion(1.0))
+    return train_student(_dion(1.0))
 
 
 @pytest.mark.parametrize("momentum_dtype", ["bf16", "int8", "fp8_e4m3", "dynamic8"])
 def test_8bit_momentum_loses_under_one_percent(dion_fp32_loss, momentum_dtype):
     """The issue's target: < 1% of fp32 momentum's loss reduction lost, at equal steps."""
-    initial = _train(lambda model: torch.optim.SGD(model.parameters(), lr=0.0), steps=0)
+    initial = train_student(lambda model: torch.optim.SGD(model.parameters(), lr=0.0), steps=0)
     reference = dion_fp32_loss
-    loss = _train(_dion(1.0, momentum_dtype=momentum_dtype))
+    loss = train_student(_dion(1.0, momentum_dtype=momentum_dtype))
     lost = (loss - reference) / (initial - reference)
     assert lost < 0.01, (momentum_dtype, loss, reference)
