@@ -333,6 +333,12 @@ ROWS: dict[str, Row] = {
     "dion_int4_mom": _row_dion(
         momentum_dtype="int4", full_only=True, note="int4 momentum (two codes a byte), SR"
     ),
+    "dion_int4_mom_b64": _row_dion(
+        momentum_dtype="int4", block_size=64, full_only=True, note="int4, a scale per 64"
+    ),
+    "dion_int4_mom_nearest": _row_dion(
+        momentum_dtype="int4", stochastic_rounding=False, full_only=True, note="int4, nearest"
+    ),
     "dion_int4_mom_lion_int8": _row_dion(
         momentum_dtype="int4",
         scalar_momentum_dtype="int8",
