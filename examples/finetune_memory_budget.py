@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained sentence encoder under an optimizer-state memory budget.
+"""Fine-tune a pretrained sentence encoder under a memory budget: state, and the whole step.
 
 Task, data and model: :mod:`docstring_task` (all-MiniLM-L6-v2 + mean pooling + a
 new linear head; stdlib docstring -> its package, 8 classes, split by file).
@@ -56,9 +56,9 @@ plus the weights, set beside the closed form weights + gradients + state.
 wait for a busy second core made steps 3-10x slower here.
 
     pip install -e ".[examples]"
-    python examples/finetune_memory_budget.py --threads 1   # all four, ~20 min on a busy 2-core CPU
+    python examples/finetune_memory_budget.py --threads 1   # five defaults, ~20 min
     python examples/finetune_memory_budget.py --optimizers adamw,dion --steps 40
-    python examples/finetune_memory_budget.py --memory-only --optimizers all   # ~5 min
+    python examples/finetune_memory_budget.py --memory-only --optimizers all   # ~10 min
     python examples/finetune_memory_budget.py --optimizers dion,dion_bf16_sr --seeds 3
 """
 

@@ -75,6 +75,14 @@ def test_bf16_encode_compiled_equals_eager(stochastic: bool) -> None:
     eager, comp = _both(encode, x)
     assert torch.equal(eager, comp)
 
+    def encode_consuming(x):  # rounds x's bits in place (x is a dead temporary)
+        codes = torch.empty(x.shape, dtype=torch.bfloat16)
+        kernels.encode_bf16_(x.clone(), codes, stochastic, key, consume=True)
+        return codes.view(torch.int16)
+
+    eager_in_place, comp_in_place = _both(encode_consuming, x)
+    assert torch.equal(eager_in_place, eager) and torch.equal(comp_in_place, eager)
+
 
 def test_decode_add_compiled_equals_eager() -> None:
     g = torch.Generator().manual_seed(2)

@@ -312,8 +312,9 @@ def _write_momentum(
     if buf.fmt == "fp32":
         return  # B is the state tensor itself, already updated in place
     stochastic = mat.group["stochastic_rounding"]
-    buf.write(B, stochastic=stochastic, key=key, row0=mat.place.start, rows=rows)
     residual = mat.state.get("momentum_residual")
+    consume = residual is None  # B is dead after this write unless the residual needs it
+    buf.write(B, stochastic=stochastic, key=key, row0=mat.place.start, rows=rows, consume=consume)
     if residual is not None:  # what this write dropped, added back next step
         res = local(residual)
         res = res if rows is None else res[rows[0] : rows[1]]

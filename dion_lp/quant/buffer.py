@@ -265,6 +265,7 @@ class QuantizedBuffer:
         key: int | None = None,
         row0: int = 0,
         rows: tuple[int, int] | None = None,
+        consume: bool = False,
     ) -> None:
         """Quantize ``x`` (``(local_rows, row_numel)``, any float dtype) into the buffer, in place.
 
@@ -277,6 +278,8 @@ class QuantizedBuffer:
                 so a tensor written whole, as row shards or as row blocks gets the
                 same bits.
             rows: ``(r0, r1)``: ``x`` holds local rows ``r0:r1`` only; None: all of them.
+            consume: ``x`` is not used after this call and may be overwritten (saves a
+                temporary of its size for bf16 with stochastic rounding).
 
         Raises:
             ValueError: wrong shape, NaN/Inf in ``x``, negative ``x`` for udynamic8, or
@@ -303,7 +306,7 @@ class QuantizedBuffer:
             if codes.numel() and not codecs.all_finite(x):
                 raise ValueError(f"Invalid x: cannot encode NaN or Inf in {self.fmt}")
             C = _chunk(width)
-            kernels.encode_bf16_(x.view(-1, C), codes.view(-1, C), stochastic, rng)
+            kernels.encode_bf16_(x.view(-1, C), codes.view(-1, C), stochastic, rng, consume)
             return
         if width != x.shape[1]:  # pad each row to whole blocks
             x = torch.nn.functional.pad(x, (0, width - x.shape[1]))

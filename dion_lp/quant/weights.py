@@ -38,7 +38,7 @@ def write_weights_(
 
     Args:
         dst: the parameter rows to write (a view; need not be contiguous).
-        src: fp32 values, ``dst``'s shape.
+        src: fp32 values, ``dst``'s shape; a temporary: it may be overwritten.
         stochastic: stochastic rounding into bf16 (needs ``key``); ignored for fp32
             ``dst`` (exact) and refused for other dtypes by the optimizer's checks.
         key: the write's stream key (:func:`dion_lp.quant.rng.stream_key`).
@@ -55,6 +55,6 @@ def write_weights_(
     x = src.contiguous().view(-1, C)
     out = dst if dst.is_contiguous() else torch.empty_like(src, dtype=dst.dtype)
     rng = key_tensor(key, first, src.device)
-    kernels.encode_bf16_(x, out.view(-1, C), True, rng)
+    kernels.encode_bf16_(x, out.view(-1, C), True, rng, consume=True)
     if out is not dst:
         dst.copy_(out)
