@@ -26,13 +26,9 @@ benchmarks.transient --child <json config>``, one intra-op thread):
    same after another ``gc.collect()`` + ``malloc_trim(0)`` (about the state).
 
 Every configuration runs twice: with glibc's default allocator (``peak``: what a
-user sees; freed heap chunks are reused but stay resident, and whether a 16 MiB
-tensor lands in the heap or in its own mapping depends on glibc's dynamic mmap
-threshold, so this figure jumps by 10-20 MiB between identical runs), and with
-``MALLOC_MMAP_THRESHOLD_=65536`` (``live-tensor peak``: every allocation above
-64 KiB is its own mapping, unmapped when freed, so the peak RSS is the peak of
-the bytes held by live tensors: reproducible to 1 MiB, the figure to compare
-with a closed form of the step's tensors).
+user sees, but it jumps by 10-20 MiB between identical runs) and with
+``MALLOC_MMAP_THRESHOLD_=65536`` (``live-tensor peak``: reproducible to 1 MiB);
+:mod:`benchmarks._rss` says why.
 
 State bytes after the step: ``opt.state_bytes()`` for dion_lp, every tensor of
 ``opt.state`` for the others (tensor subclasses flattened, shared storages once:
@@ -53,8 +49,6 @@ issue reported for the default shape and rank (an earlier dion_lp version).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import importlib
 import json
@@ -73,6 +67,7 @@ from dion_lp.algorithms.elementwise import ELEMENTWISE_STATE, state_format
 from dion_lp.quant.buffer import buffer_nbytes
 
 from ._rows import state_bytes
+from ._rss import MMAP_THRESHOLD, reset_peak, status_bytes, trim_heap
 from ._tables import Column, environment, format_table, write_results
 from .memory import BLOCK_SIZE, DionConfig, _eager_torchao, baseline_state_bytes, dion_state_bytes
 from .shapes import ParamSpec
@@ -83,10 +78,7 @@ __all__ = [
     "closed_form",
     "default_grid",
     "main",
-    "reset_peak",
     "run_config",
-    "status_bytes",
-    "trim_heap",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +87,6 @@ QUICK_SHAPE = (512, 1024)
 WARMUP_ROWS = 64
 MARKER = "TRANSIENT_ROW "
 MIB = 2**20
-MMAP_THRESHOLD = 65536  # bytes: the "live tensors" runs map every larger allocation
 # baseline key -> (its closed form in benchmarks.memory.BASELINE_FORMS, its state format)
 BASELINES = {
     "torch-adamw": ("adamw (torch)", "fp32"),
@@ -188,14 +179,7 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> Any:
     """The optimizer of ``cfg`` over ``params`` (ImportError if a baseline is missing)."""
     if cfg.optimizer == "dion_lp":
         dion_lp = importlib.import_module("dion_lp")
-        if cfg.rule == "dion":
-            return dion_lp.Dion(
-                params,
-                rank_fraction=cfg.rank_fraction,
-                momentum_dtype=cfg.fmt,
-                stochastic_rounding=cfg.stochastic_rounding,
-            )
-        group = {"params": params, "algorithm": cfg.rule}
+        group = {"params": params, "algorithm": cfg.rule, "rank_fraction": cfg.rank_fraction}
         return dion_lp.Dion(
             [group], momentum_dtype=cfg.fmt, stochastic_rounding=cfg.stochastic_rounding
         )
@@ -203,27 +187,6 @@ def build_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> Any:
         return torch.optim.AdamW(params, lr=1e-3)
     module = "torchao.optim" if cfg.optimizer == "torchao-adamw8bit" else "bitsandbytes.optim"
     return importlib.import_module(module).AdamW8bit(params, lr=1e-3)
-
-
-def status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
-def reset_peak() -> None:
-    """Reset the resident-memory high-water mark (``VmHWM``) to the current RSS (Linux)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def trim_heap() -> None:
-    """Give free heap pages back to the OS (glibc ``malloc_trim``; no-op elsewhere)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _warm_up(cfg: Config, shape: tuple[int, int]) -> None:

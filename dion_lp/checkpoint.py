@@ -28,6 +28,7 @@ from ._upgrade import STATE_DICT_VERSION, upgrade_state_dict
 from .algorithms.dion import init_dion_state
 from .algorithms.elementwise import ELEMENTWISE_STATE, init_elementwise_state, state_format
 from .dist.accounting import CommStats
+from .dist.collectives import quantized_mean_
 from .dist.dtensor import is_sharded
 from .layouts.placement import placement
 from .options import (
@@ -46,6 +47,7 @@ __all__ = [
     "dcp_state_dict",
     "init_state",
     "load_dcp_state_dict",
+    "synchronize_momenta",
     "upgrade_state_dict",
     "with_added_hyperparameters",
 ]
@@ -331,3 +333,25 @@ def load_dcp_state_dict(opt: Any, state_dict: dict[str, Any]) -> None:
     sd = dict(state_dict)
     sd["state"] = {int(k): v for k, v in state_dict["state"].items()}
     opt._load_state_dict(sd, copy=False)
+
+
+def synchronize_momenta(opt: Any, group: Any, replicas: Any, stats: CommStats) -> None:
+    """:meth:`dion_lp.Dion.synchronize_for_checkpoint`: every rank's Dion momenta replaced by
+    their fp32 mean over ``group`` (plain parameters) or ``replicas`` (sharded ones)."""
+    by_group: dict[str, list[tuple[QuantizedBuffer, Tensor]]] = {"local": [], "sharded": []}
+    for g in opt.param_groups:
+        if g["algorithm"] != "dion":
+            continue
+        for p in g["params"]:
+            st = opt.state.get(p)
+            if st:
+                buf = QuantizedBuffer(st, "momentum")
+                by_group["sharded" if is_sharded(p) else "local"].append((buf, buf.read()))
+    for key, over in (("local", group), ("sharded", replicas)):
+        entries = by_group[key]
+        if over is None or (key == "local" and opt.world_size == 1):
+            continue
+        momenta = [M.clone() for _, M in entries]
+        quantized_mean_(momenta, "fp32", over, stats)
+        for (buf, _), M in zip(entries, momenta, strict=True):
+            buf.write(M, stochastic=False)

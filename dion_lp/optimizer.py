@@ -24,14 +24,13 @@ from .algorithms.dion import DionMatrix, dion_step_, init_dion_state
 from .algorithms.elementwise import elementwise_step_
 from .dist.accounting import CommStats
 from .dist.collectives import check_member, quantized_mean_
-from .dist.dtensor import is_sharded, local
+from .dist.dtensor import local
 from .gradients import finite_gradients
 from .groups import checked_group
 from .layouts.local import LocalLayout
 from .layouts.placement import placement
 from .layouts.sharded import ShardedLayout, check_replicas
 from .options import check_seed
-from .quant.buffer import QuantizedBuffer
 
 __all__ = ["Dion"]
 
@@ -308,23 +307,7 @@ class Dion(torch.optim.Optimizer):
         same world size instead, save each rank's own ``state_dict``. Plain FSDP
         and native HSDP momenta are single global momenta already: not sent.
         """
-        by_group: dict[str, list[tuple[QuantizedBuffer, Tensor]]] = {"local": [], "sharded": []}
-        for group in self.param_groups:
-            if group["algorithm"] != "dion":
-                continue
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st:
-                    buf = QuantizedBuffer(st, "momentum")
-                    by_group["sharded" if is_sharded(p) else "local"].append((buf, buf.read()))
-        for key, over in (("local", self._group), ("sharded", self._replicas)):
-            entries = by_group[key]
-            if over is None or (key == "local" and self._world_size == 1):
-                continue
-            momenta = [M.clone() for _, M in entries]
-            quantized_mean_(momenta, "fp32", over, self._stats)
-            for (buf, _), M in zip(entries, momenta, strict=True):
-                buf.write(M, stochastic=False)
+        checkpoint.synchronize_momenta(self, self._group, self._replicas, self._stats)
 
     def state_bytes(self) -> int:
         """Bytes of every tensor of this rank's optimizer state (codes, scales, Q, residuals)."""

@@ -34,13 +34,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from benchmarks.transient import reset_peak, status_bytes, trim_heap
+from benchmarks._rss import MMAP_THRESHOLD, reset_peak, status_bytes, trim_heap
 
 __all__ = ["MARKER", "probe", "run_probe"]
 
 MARKER = "STEP_MEMORY "
-MMAP_THRESHOLD = 65536
-MIB = 2**20
 
 
 Batch = tuple[Tensor, Tensor, Tensor]
