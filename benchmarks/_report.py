@@ -6,6 +6,9 @@ Columns (all measured in the same run):
 - ``lost``: share of fp32 Dion's loss reduction lost,
   (L_row - L_dion32) / (L_init - L_dion32), computed per seed then averaged;
   0 = as good as Dion fp32, 1 = no better than the untrained model, < 0 = better.
+- ``vs twin``: the same share against the row's fp32 twin (the same algorithm
+  and rank in fp32, e.g. ``dion_rank1_4`` for the rank-1/4 precision rows): what
+  the row's low precision alone costs. Blank for rows without a twin.
 - ``wire/step``: bytes one rank sends per training step (nccl-tests bus-bandwidth
   convention: an all-reduce of S bytes over N ranks counts 2 (N-1)/N * S).
 - ``state B/param``: bytes of all optimizer-state tensors / number of parameters.
@@ -32,6 +35,9 @@ CSV_FIELDS = (
     "final_val_loss_std",
     "share_lost_mean",
     "share_lost_std",
+    "twin",
+    "share_lost_twin_mean",
+    "share_lost_twin_std",
     "loss_gap_mean",
     "loss_gap_std",
     "wire_bytes_per_step",
@@ -76,13 +82,19 @@ def _mean_curve(records: list[dict[str, Any]]) -> list[list[float]]:
     ]
 
 
-def aggregate(records: list[dict[str, Any]], rows: Sequence[str], reference: str) -> list[dict]:
+def aggregate(
+    records: list[dict[str, Any]],
+    rows: Sequence[str],
+    reference: str,
+    twins: dict[str, str] | None = None,
+) -> list[dict]:
     """One summary per row (in ``rows`` order) from the per-seed records.
 
     Args:
         records: per (row, seed) records from ``benchmarks._train.run_row``.
         rows: row names in display order.
         reference: the row the loss gap and step time are relative to.
+        twins: row -> its fp32 twin (the ``vs twin`` column), where it has one.
 
     Returns:
         Dicts with the :data:`CSV_FIELDS` keys plus ``curve`` (mean validation
@@ -98,6 +110,9 @@ def aggregate(records: list[dict[str, Any]], rows: Sequence[str], reference: str
         ok = [r for r in recs if r["status"] == "ok"]
         loss = _mean_std([r["final_loss"] for r in ok])
         lost = _mean_std(_paired(ok, ref, _share_lost))
+        twin = (twins or {}).get(name, "")
+        twin_ref = {r["seed"]: r for r in records if r["row"] == twin and r["status"] == "ok"}
+        lost_twin = _mean_std(_paired(ok, twin_ref, _share_lost))
         gap = _mean_std(_paired(ok, ref, lambda r, f: r["final_loss"] - f["final_loss"]))
         ratio = _mean_std(_paired(ok, ref, lambda r, f: r["step_time"] / f["step_time"]))
         out.append(
@@ -108,6 +123,9 @@ def aggregate(records: list[dict[str, Any]], rows: Sequence[str], reference: str
                 "final_val_loss_std": loss[1],
                 "share_lost_mean": lost[0],
                 "share_lost_std": lost[1],
+                "twin": twin,
+                "share_lost_twin_mean": lost_twin[0],
+                "share_lost_twin_std": lost_twin[1],
                 "loss_gap_mean": gap[0],
                 "loss_gap_std": gap[1],
                 "wire_bytes_per_step": _mean_std([r["bytes_per_step"] for r in ok])[0],
@@ -148,9 +166,10 @@ def _pm(mean: float | None, std: float | None, spec: str, n: int) -> str:
 
 def format_table(summary: list[dict[str, Any]], reference: str) -> str:
     """The terminal table: one line per row; unavailable rows say why; a legend below."""
-    head = ("row", "val loss", "lost", "wire/step", "state B/param", "step time", "comm")
+    head = ("row", "val loss", "lost", "vs twin", "wire/step", "state B/param", "step time", "comm")
     n = max((s["n_seeds"] for s in summary), default=1)
-    widths = (24, 17 if n > 1 else 8, 16 if n > 1 else 7, 11, 13, 9, 0)
+    lost_w = 16 if n > 1 else 7
+    widths = (24, 17 if n > 1 else 8, lost_w, lost_w, 11, 13, 9, 0)
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip()]
     lines.append("-" * (sum(widths) + 2 * (len(widths) - 1) + 26))
     for s in summary:
@@ -162,6 +181,9 @@ def format_table(summary: list[dict[str, Any]], reference: str) -> str:
             s["row"],
             _pm(s["final_val_loss_mean"], s["final_val_loss_std"], ".4f", k),
             _pm(s["share_lost_mean"], s["share_lost_std"], "+.3f", k),
+            _pm(s["share_lost_twin_mean"], s["share_lost_twin_std"], "+.3f", k)
+            if s.get("twin")
+            else "",
             _bytes(s["wire_bytes_per_step"]),
             _fmt(s["state_bytes_per_param"], ".2f"),
             _fmt(s["step_time_ratio"], ".2f", "x"),
@@ -172,7 +194,8 @@ def format_table(summary: list[dict[str, Any]], reference: str) -> str:
         lines.append(f"({reference} did not run: 'lost' and 'step time' are n/a)")
     lines.append(
         f"val loss: nats/byte{' (mean ± std over seeds)' if n > 1 else ''}; "
-        f"lost = (L_row - L_{reference}) / (L_init - L_{reference});\n"
+        f"lost = (L_row - L_{reference}) / (L_init - L_{reference}); "
+        "vs twin: the same against the row's fp32 twin (same algorithm and rank);\n"
         "wire/step: bytes one rank sends per step (all-reduce of S bytes = 2(N-1)/N S); "
         f"step time: median, relative to {reference} in this run"
     )

@@ -20,6 +20,9 @@ Dion 0.02 with Lion 3e-4 / 1e-3 / 2e-3 / **3e-3** / 5e-3: 2.01 / 1.91 / 1.88 /
 1.87 / 1.88; Dion 0.02 with AdamW scalars 3e-3 / **6e-3** / 1e-2: 1.89 / 1.86 /
 1.87. Re-checked at the default 120 steps: AdamW 2e-3 / 3e-3 / 4e-3: 2.60 / 2.63 /
 2.77; Dion 0.02 / 0.03 with Lion 3e-3: 2.28 / 2.27, 0.02 with Lion 1e-3: 2.33.
+Dion2 (fraction 1/4) and dion_lp's Muon group, same 120 steps, seed 0: Dion2
+lr 0.01 / 0.02 / **0.04** / 0.08: 2.55 / 2.50 / 2.42 / 2.48; Muon 0.01 / 0.02 /
+**0.04**: 2.44 / 2.29 / 2.23 (Dion 0.02 in the same run: 2.29).
 A byte-level model leans on its embedding and head, so the element-wise rule
 wants a larger lr than usual for Lion. Re-tune when the model changes.
 
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -59,7 +62,17 @@ ADAMW = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
 DION = dict(lr=0.02, mu=0.95, weight_decay=0.01, betas=(0.9, 0.95))
 SCALAR_LR = {"lion": 3e-3, "adamw": 6e-3}
 MUON_LR = 0.02
-HYPERPARAMETERS = {"adamw": ADAMW, "dion": DION, "dion_scalar_lr": SCALAR_LR, "muon_lr": MUON_LR}
+# Dion2 / Muon groups of dion_lp.Dion (the rest as Dion rows: Lion at SCALAR_LR)
+DION2 = dict(matrix_algorithm="dion2", rank_fraction=0.25, lr=0.04)
+MUON_DIONLP = dict(matrix_algorithm="muon", lr=0.04)
+HYPERPARAMETERS = {
+    "adamw": ADAMW,
+    "dion": DION,
+    "dion_scalar_lr": SCALAR_LR,
+    "muon_lr": MUON_LR,
+    "dion2": DION2,
+    "muon_dionlp": MUON_DIONLP,
+}
 UNAVAILABLE = (NotImplementedError, TypeError, ImportError, AttributeError)
 
 
@@ -100,6 +113,8 @@ class Row:
         note: shown in the report.
         hook_lowrank: in "hook" mode, the DDP hook's ``lowrank_rank`` (0: matrices
             Dion does not own travel whole).
+        twin: the fp32 row of the same algorithm and rank, which this row's
+            precision is compared to (the report's ``vs twin`` column); "" if none.
     """
 
     build: Callable[[nn.Module, BuildContext], Any]
@@ -108,6 +123,7 @@ class Row:
     full_only: bool = False
     note: str = ""
     hook_lowrank: int = 0
+    twin: str = ""
 
 
 class OptimizerList:
@@ -260,10 +276,12 @@ def _dion(
     scalar: str = "lion",
     hook_only: bool = False,
     scalar_momentum_dtype: str | None = None,
+    matrix_algorithm: str = "dion",
     **options: Any,
 ) -> Callable[[nn.Module, BuildContext], Any]:
     """A factory of ``dion_lp.Dion`` with ``options`` on top of :data:`DION`
-    (``scalar_momentum_dtype``: the element-wise groups' state format, if not the Dion one).
+    (``scalar_momentum_dtype``: the element-wise groups' state format, if not the Dion one;
+    ``matrix_algorithm``: the hidden matrices' group, "dion", "dion2" or "muon").
 
     Tries the modes of :func:`dion_modes` in order (only "hook" when ``hook_only``:
     the row's compression lives in the DDP hook) and tags the optimizer with
@@ -286,6 +304,8 @@ def _dion(
                     group["lr"] = SCALAR_LR[scalar]
                     if scalar_momentum_dtype is not None:
                         group["momentum_dtype"] = scalar_momentum_dtype
+                else:
+                    group["algorithm"] = matrix_algorithm
             try:
                 kwargs = {**DION, **options, **_dion_kwargs(mode, comm, ctx), "seed": ctx.seed}
                 opt = dion_lp.Dion(groups, **kwargs)
@@ -309,8 +329,21 @@ def _row_dion(
         full_only=full_only,
         note=note,
         hook_lowrank=hook_lowrank,
+        twin=_twin(options),
     )
 
+
+def _twin(options: dict[str, Any]) -> str:
+    """The fp32 row of the same algorithm and rank as a Dion-family row with ``options``."""
+    algorithm = options.get("matrix_algorithm", "dion")
+    if algorithm != "dion":
+        return f"{algorithm}_fp32"
+    rank = options.get("rank_fraction", 1.0)
+    return {0.25: "dion_rank1_4", 1 / 16: "dion_rank1_16"}.get(rank, "dion_fp32")
+
+
+_FULL_RANK = "full rank: the replicas average B itself ((m + n) r >= m n), not factors"
+_R4 = "rank 1/4: the factors P, R travel in this format"
 
 _MUON_NOTE = (
     "torch.optim.Muon runs Newton-Schulz in bf16, ~30x slower than fp32 matmuls on this CPU: "
@@ -325,11 +358,11 @@ ROWS: dict[str, Row] = {
     "adamw8bit_bnb": Row(_adamw8bit_bnb),
     "dion_fp32": _row_dion(),
     "dion_fp32_adamw": _row_dion(scalar="adamw", full_only=True, note="AdamW scalars at 6e-3"),
-    "dion_bf16_comm": _row_dion(comm_dtype="bf16"),
-    "dion_fp8e4m3_comm": _row_dion(comm_dtype="fp8_e4m3"),
-    "dion_fp8e5m2_comm": _row_dion(comm_dtype="fp8_e5m2"),
-    "dion_int8_mom": _row_dion(momentum_dtype="int8"),
-    "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3"),
+    "dion_bf16_comm": _row_dion(comm_dtype="bf16", full_only=True, note=_FULL_RANK),
+    "dion_fp8e4m3_comm": _row_dion(comm_dtype="fp8_e4m3", full_only=True, note=_FULL_RANK),
+    "dion_fp8e5m2_comm": _row_dion(comm_dtype="fp8_e5m2", full_only=True, note=_FULL_RANK),
+    "dion_int8_mom": _row_dion(momentum_dtype="int8", full_only=True),
+    "dion_fp8_mom": _row_dion(momentum_dtype="fp8_e4m3", full_only=True),
     "dion_int4_mom": _row_dion(
         momentum_dtype="int4", full_only=True, note="int4 momentum (two codes a byte), SR"
     ),
@@ -345,8 +378,21 @@ ROWS: dict[str, Row] = {
         full_only=True,
         note="int4 Dion momentum, int8 Lion state (embeddings, head, vectors)",
     ),
-    "dion_int8_mom_nearest": _row_dion(momentum_dtype="int8", stochastic_rounding=False),
-    "dion_int8_mom_residual": _row_dion(momentum_dtype="int8", momentum_residual=True),
+    "dion_fp4_mom": _row_dion(
+        momentum_dtype="fp4_e2m1", full_only=True, note="fp4 e2m1 momentum (two codes a byte), SR"
+    ),
+    "dion_fp4_mom_nearest": _row_dion(
+        momentum_dtype="fp4_e2m1",
+        stochastic_rounding=False,
+        full_only=True,
+        note="fp4 e2m1, nearest",
+    ),
+    "dion_int8_mom_nearest": _row_dion(
+        momentum_dtype="int8", stochastic_rounding=False, full_only=True
+    ),
+    "dion_int8_mom_residual": _row_dion(
+        momentum_dtype="int8", momentum_residual=True, full_only=True
+    ),
     "dion_fp8comm_lowrank32": _row_dion(
         comm_dtype="fp8_e4m3",
         hook_lowrank=32,
@@ -360,8 +406,27 @@ ROWS: dict[str, Row] = {
         note="the cheapest recipe: fp8 exchange + int8 momentum (long-run stability row)",
     ),
     "dion_rank1_4": _row_dion(rank_fraction=0.25),
+    "dion_r4_bf16_comm": _row_dion(rank_fraction=0.25, comm_dtype="bf16", note=_R4),
+    "dion_r4_fp8e4m3_comm": _row_dion(rank_fraction=0.25, comm_dtype="fp8_e4m3", note=_R4),
+    "dion_r4_int8_mom": _row_dion(rank_fraction=0.25, momentum_dtype="int8"),
+    "dion_r4_recipe": _row_dion(
+        rank_fraction=0.25,
+        comm_dtype="fp8_e4m3",
+        momentum_dtype="int8",
+        note="the recipe: fp8 factors, int8 SR momentum, fp8 hook for the other gradients",
+    ),
+    "dion_r4_fp4_mom": _row_dion(
+        rank_fraction=0.25, momentum_dtype="fp4_e2m1", full_only=True, note="fp4, Q in fp8"
+    ),
     "dion_rank1_16": _row_dion(rank_fraction=1 / 16),
+    "dion2_fp32": _row_dion(**DION2, note="Dion2, a quarter of the rows a step"),
+    "dion2_int8_mom": _row_dion(**DION2, momentum_dtype="int8", note="Dion2, int8 SR"),
+    "muon_fp32": _row_dion(**MUON_DIONLP, full_only=True, note="Muon in dion_lp, fp32 NS"),
+    "muon_int8_mom": _row_dion(
+        **MUON_DIONLP, momentum_dtype="int8", full_only=True, note="Muon in dion_lp, int8 SR"
+    ),
 }
+ROWS = {name: replace(row, twin="") if row.twin == name else row for name, row in ROWS.items()}
 DEFAULT_ROWS: tuple[str, ...] = tuple(name for name, row in ROWS.items() if not row.full_only)
 REFERENCE_ROW = "dion_fp32"
 

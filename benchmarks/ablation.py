@@ -285,7 +285,8 @@ def _write(args: argparse.Namespace, cfg: Any, records: list, wall: float, error
     from ._rows import REFERENCE_ROW, ROWS
     from .data import load_corpus, manifest
 
-    summary = _report.aggregate(records, cfg.rows, REFERENCE_ROW)
+    twins = {name: ROWS[name].twin for name in cfg.rows if ROWS[name].twin}
+    summary = _report.aggregate(records, cfg.rows, REFERENCE_ROW, twins)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "command": " ".join(["python -m benchmarks.ablation", *args.argv]),

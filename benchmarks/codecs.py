@@ -20,6 +20,8 @@ A second table, 4-bit codecs (``codecs_4bit.{csv,json}``), on the same tensors:
 - dion_lp ``int4`` (levels in [-7, 7], scale absmax / 7, two codes a byte) with
   blocks of 128, 256, 512 and 1024 elements, nearest and stochastic: the
   quality / size trade-off of the block size (B/elem = 0.5 + 4 / block);
+- dion_lp ``fp4_e2m1`` (the e2m1 grid {0, 0.5, ..., 4, 6} times absmax / 6, two
+  codes a byte), blocks of 64 and 256, nearest and stochastic;
 - torchao 0.18 AdamW4bit's codec (``torchao.optim.subclass_4bit``: ``scale_tensor``
   + ``quantize_4bit_with_qmap`` on the signed 16-entry dynamic map
   ``get_qmap_signed()``, packed two a byte as ``OptimState4bit`` does,
@@ -109,7 +111,8 @@ def _dion_codecs(variants: Sequence[tuple[str, str, int]] = ()) -> list[Codec]:
 
 
 def _dion4_codecs() -> list[Codec]:
-    return _dion_codecs([(f"int4 b{block}", "int4", block) for block in INT4_BLOCKS])
+    int4 = [(f"int4 b{block}", "int4", block) for block in INT4_BLOCKS]
+    return _dion_codecs([*int4, *((f"fp4_e2m1 b{b}", "fp4_e2m1", b) for b in (64, 256))])
 
 
 def _torchao_codecs() -> list[Codec]:

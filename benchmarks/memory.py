@@ -16,7 +16,7 @@ Each measured figure is set beside its closed form computed from the shapes
 (:func:`dion_state_bytes`, :func:`baseline_state_bytes`): Dion's from the
 library's own rules (tensors under ``dion_lp.quant.buffer.MIN_QUANT_NUMEL`` stay fp32,
 codes (int4: two a byte) plus one fp32 scale per 256, Q of ``min(m, n) x r`` in fp32 with
-fp32 momentum else bf16, residual bf16, AdamW's second moment in the unsigned
+fp32 momentum, fp8 with a 4-bit one, else bf16, residual bf16, AdamW's second moment in the unsigned
 dynamic codebook). The closed forms then give the 7B figure without building it.
 
 Baselines: torch AdamW; torchao AdamW8bit and AdamWFp8 (their step wraps the
@@ -72,7 +72,7 @@ __all__ = [
 BLOCK_SIZE = 256  # dion_lp's default state block size
 MATRIX_SHAPE = (768, 3072)
 RANK_FRACTIONS = (1.0, 1 / 4, 1 / 16)
-MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3", "int4")
+MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3", "int4", "fp4_e2m1")
 TARGET_MATRIX = 1.15  # issue 3: int8 momentum, rank 1/16, one matrix
 TARGET_MODEL = 1.2  # issue 3: Dion int8 + Lion int8, whole GPT-2-small
 
@@ -149,7 +149,8 @@ def dion_state_bytes(specs: Sequence[ParamSpec], cfg: DionConfig) -> int:
     """Closed form of ``Dion.state_bytes()`` after one step over ``specs``.
 
     Dion matrices: momentum (:func:`_buffer_bytes`), Q of ``min(m, n) x r``
-    (4 bytes with fp32 momentum, else 2), bf16 residual if asked (not with fp32).
+    (4 bytes with fp32 momentum, 1 (fp8) with a 4-bit one, else 2), bf16 residual
+    if asked (not with fp32).
     Other tensors: the element-wise rule's buffers
     (``dion_lp.algorithms.elementwise.ELEMENTWISE_STATE``) in
     ``scalar_format(momentum_dtype)``.
@@ -161,7 +162,8 @@ def dion_state_bytes(specs: Sequence[ParamSpec], cfg: DionConfig) -> int:
             r = dion_rank(m, n, cfg.rank_fraction, 1)
             low = cfg.momentum_dtype != "fp32"
             total += _buffer_bytes(s.shape, cfg.momentum_dtype)
-            total += min(m, n) * r * (2 if low else 4)
+            q_bytes = 4 if not low else 1 if cfg.momentum_dtype in ("int4", "fp4_e2m1") else 2
+            total += min(m, n) * r * q_bytes
             total += 2 * s.numel if cfg.residual and low else 0
         else:
             for unsigned in SCALAR_STATE[cfg.scalar].values():

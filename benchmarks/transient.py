@@ -147,9 +147,10 @@ class Config:
 def default_grid(
     shape: tuple[int, int], rank_fraction: float, torchao_compile: bool
 ) -> list[Config]:
-    """Dion in five formats (SR; nearest for the 8-bit ones), AdamW and Lion rules, baselines."""
+    """Dion in six formats (SR; nearest for the 8-bit ones), AdamW and Lion rules, baselines."""
     base = Config("dion_lp", shape=shape, rank_fraction=rank_fraction)
-    dion = [replace(base, fmt=f) for f in ("fp32", "int8", "fp8_e4m3", "dynamic8", "int4")]
+    formats = ("fp32", "int8", "fp8_e4m3", "dynamic8", "int4", "fp4_e2m1")
+    dion = [replace(base, fmt=f) for f in formats]
     dion += [
         replace(base, fmt=f, stochastic_rounding=False) for f in ("int8", "fp8_e4m3", "dynamic8")
     ]

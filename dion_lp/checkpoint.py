@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ._upgrade import STATE_DICT_VERSION, upgrade_state_dict
-from .algorithms.dion import init_dion_state
+from .algorithms.dion import init_dion_state, q_dtype
+from .algorithms.dion2 import init_dion2_state
 from .algorithms.elementwise import ELEMENTWISE_STATE, init_elementwise_state, state_format
 from .dist.accounting import CommStats
 from .dist.collectives import quantized_mean_
@@ -158,7 +159,7 @@ def _check_group(saved: dict[str, Any], group: dict[str, Any], index: int) -> No
 def _buffers(group: dict[str, Any]) -> dict[str, str]:
     """Name -> format asked for, of every quantized buffer a parameter of ``group`` keeps."""
     fmt, algorithm = group["momentum_dtype"], group["algorithm"]
-    if algorithm == "dion":
+    if algorithm in ("dion", "dion2", "muon"):
         return {"momentum": fmt}
     return {
         name: state_format(fmt, unsigned=unsigned)
@@ -203,8 +204,7 @@ def _check_param_state(st: Any, p: Tensor, group: dict[str, Any], what: str) -> 
     if "Q" in required:
         m, n = shape
         want = (min(m, n), dion_rank(m, n, group["rank_fraction"], group["rank_multiple_of"]))
-        dtype = torch.float32 if group["momentum_dtype"] == "fp32" else torch.bfloat16
-        _check_tensor(st["Q"], "Q", want, dtype, what)
+        _check_tensor(st["Q"], "Q", want, q_dtype(group["momentum_dtype"]), what)
     if "momentum_residual" in required:
         _check_tensor(st["momentum_residual"], "momentum_residual", (rows, U), torch.bfloat16, what)
 
@@ -264,6 +264,8 @@ def _new_state(opt: Any, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
     place = placement(p)
     if group["algorithm"] == "dion":
         init_dion_state(p, group, st, seed=opt.seed, index=opt.param_index(p), place=place)
+    elif group["algorithm"] in ("dion2", "muon"):
+        init_dion2_state(p, group, st, place)
     else:
         init_elementwise_state(p, group, st, place)
     return st

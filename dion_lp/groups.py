@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .dist.dtensor import local
+from .dist.dtensor import is_sharded, local
 from .gradients import param_name
-from .options import validate_group
+from .options import MATRIX_ALGORITHMS, validate_group
 
 __all__ = ["check_param", "checked_group", "param_groups"]
 
@@ -201,16 +201,24 @@ def check_param(p: Tensor, group: dict[str, Any], i: int) -> None:
             "weight_rounding='stochastic', which rounds into bfloat16 (float32 parameters "
             "need no rounding); use bfloat16 or float32 parameters, or weight_rounding='nearest'"
         )
-    if group["algorithm"] != "dion":
+    algorithm = group["algorithm"]
+    if algorithm not in MATRIX_ALGORITHMS:
         return
     if p.ndim != 2:
         raise ValueError(
-            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)}; "
-            "Dion takes 2-D matrices, put other tensors in an 'adamw' or 'lion' group "
-            "(dion_lp.param_groups does this)"
+            f"Invalid parameter {param_name(group, i)} in a {algorithm} group: shape "
+            f"{tuple(p.shape)}; {algorithm} takes 2-D matrices, put other tensors in an "
+            "'adamw' or 'lion' group (dion_lp.param_groups does this)"
         )
     if min(p.shape) < 2:
         raise ValueError(
-            f"Invalid parameter {param_name(group, i)} in a dion group: shape {tuple(p.shape)} "
-            "has a dimension of 1; such vectors belong to an 'adamw' or 'lion' group"
+            f"Invalid parameter {param_name(group, i)} in a {algorithm} group: shape "
+            f"{tuple(p.shape)} has a dimension of 1; such vectors belong to an 'adamw' or "
+            "'lion' group"
+        )
+    if algorithm != "dion" and is_sharded(p):
+        raise NotImplementedError(
+            f"Invalid parameter {param_name(group, i)} in a {algorithm} group: an FSDP2 "
+            f"(DTensor) parameter; {algorithm} selects and orthogonalizes whole rows and is "
+            "built for whole matrices only (DDP or one process); use 'dion' for FSDP2"
         )

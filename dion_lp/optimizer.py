@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import _pickling, checkpoint
 from .algorithms.dion import DionMatrix, dion_step_, init_dion_state
+from .algorithms.dion2 import dion2_step_
 from .algorithms.elementwise import elementwise_step_
 from .dist.accounting import CommStats
 from .dist.collectives import check_member, quantized_mean_
@@ -40,18 +41,22 @@ class Dion(torch.optim.Optimizer):
 
     Args:
         params: tensors, named tensors, or param-group dicts. A group's
-            ``"algorithm"`` is ``"dion"`` (2-D matrices), ``"adamw"`` or ``"lion"``;
-            any keyword below can be overridden per group. Use
-            :func:`dion_lp.param_groups` to split a model the usual way.
+            ``"algorithm"`` is ``"dion"`` (2-D matrices), ``"dion2"`` or ``"muon"``
+            (2-D matrices, whole: not FSDP2; :mod:`dion_lp.algorithms.dion2`),
+            ``"adamw"`` or ``"lion"``; any keyword below can be overridden per
+            group. Use :func:`dion_lp.param_groups` to split a model the usual way.
         lr: learning rate (Dion's update has RMS ~ lr, like Muon's).
-        mu: Dion momentum coefficient in [0, 1).
+        mu: Dion momentum coefficient in [0, 1); for "dion2" the decay of the
+            selected slices of the momentum (its ``ef_decay``), for "muon" its momentum.
         weight_decay: decoupled: ``X <- X (1 - lr wd)``.
         betas, eps: of the element-wise rules (Lion uses betas, not eps).
-        rank_fraction: r = ceil(rank_fraction * min(m, n)), in (0, 1].
+        rank_fraction: r = ceil(rank_fraction * min(m, n)), in (0, 1]; for "dion2"
+            the fraction of slices (rows or columns, along the short side) updated.
         rank_multiple_of: r is rounded up to a multiple of this (>= 1), capped at min(m, n).
         momentum_dtype: storage of the momentum and of the element-wise states:
-            "fp32", "bf16", "int8", "fp8_e4m3", "dynamic8", "int4" (two codes a
-            byte; AdamW's second moment then stays in the unsigned dynamic8).
+            "fp32", "bf16", "int8", "fp8_e4m3", "dynamic8", "int4" or "fp4_e2m1"
+            (two codes a byte; AdamW's second moment then stays in the unsigned
+            dynamic8).
         comm_dtype: wire format of the factor exchange: "fp32", "bf16",
             "fp8_e4m3", "fp8_e5m2".
         stochastic_rounding: round low-precision state stochastically (unbiased).
@@ -250,8 +255,8 @@ class Dion(torch.optim.Optimizer):
                 local_mats.append(mat)
         self._sync_elementwise_grads(elementwise)
         for group, p, grad, place, index in elementwise:
-            st = self.state[p]
-            elementwise_step_(p, grad, group, st, place=place, seed=self._seed, index=index)
+            rule = dion2_step_ if group["algorithm"] in ("dion2", "muon") else elementwise_step_
+            rule(p, grad, group, self.state[p], place=place, seed=self._seed, index=index)
         layout = LocalLayout(self._group, self._world_size, self._stats)
         # Replicas exchange every matrix's factors in one collective per phase; without
         # replicas one matrix at a time bounds the fp32 working copies of the momenta.

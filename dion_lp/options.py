@@ -15,6 +15,7 @@ from .quant.formats import MOMENTUM_FORMATS, WIRE_FORMATS, check_built
 __all__ = [
     "ADDED_HYPERPARAMETERS",
     "ALGORITHMS",
+    "MATRIX_ALGORITHMS",
     "COMM_DTYPES",
     "HYPERPARAMETERS",
     "MOMENTUM_DTYPES",
@@ -25,7 +26,8 @@ __all__ = [
     "validate_group",
 ]
 
-ALGORITHMS = ("dion", "adamw", "lion")
+ALGORITHMS = ("dion", "dion2", "muon", "adamw", "lion")
+MATRIX_ALGORITHMS = ("dion", "dion2", "muon")  # 2-D matrices only
 MOMENTUM_DTYPES = MOMENTUM_FORMATS
 COMM_DTYPES = WIRE_FORMATS
 NONFINITE_MODES = ("raise", "skip")

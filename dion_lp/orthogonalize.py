@@ -71,7 +71,7 @@ def column_normalize(
 
 
 def column_normalize_(
-    R: Tensor, Q: Tensor, norms: Tensor | None = None, n: int | None = None
+    R: Tensor, Q: Tensor, norms: Tensor | None = None, n: int | None = None, scale: float = 1.0
 ) -> Tensor:
     """:func:`column_normalize` in place: ``R`` becomes ``Q_step``, ``Q`` (the previous
     factor, any float dtype) becomes ``Q_next``. No temporary of R's size.
@@ -80,6 +80,10 @@ def column_normalize_(
         R: shape (n, r), float32, overwritten.
         Q: shape (n, r), the last step's factor, overwritten with the next warm start.
         norms, n: as in :func:`column_normalize`.
+        scale: ``Q`` holds the factor times ``scale`` (an fp8 Q is stored times
+            sqrt(n), so that its entries are ~1, where fp8 is finest; clamped to
+            +-448, the fp8_e4m3 max, which only n > 200,000 could reach); written
+            in row blocks of at most 64K elements.
 
     Returns:
         ``R``, now ``Q_step``.
@@ -89,13 +93,19 @@ def column_normalize_(
     negligible = negligible_columns(norms, R.shape[0] if n is None else n)
     R.div_(torch.where(negligible, torch.ones_like(norms), norms))
     kept = negligible.nonzero().flatten()
+    # index ops on the bits: CPU kernels have no float8 index_copy_
+    bits = Q.view(torch.uint8) if Q.element_size() == 1 else Q
+    old = bits.index_select(1, kept) if kept.numel() else None
     if kept.numel():  # those columns move nothing, and keep the old warm start
         R.index_fill_(1, kept, 0.0)
-        old = Q.index_select(1, kept)
+    if scale == 1.0:
         Q.copy_(R)
-        Q.index_copy_(1, kept, old)
     else:
-        Q.copy_(R)
+        step = max(1, 2**16 // max(1, R.shape[1]))
+        for r0 in range(0, R.shape[0], step):
+            Q[r0 : r0 + step].copy_((R[r0 : r0 + step] * scale).clamp_(-448.0, 448.0))
+    if old is not None:
+        bits.index_copy_(1, kept, old)
     return R
 
 

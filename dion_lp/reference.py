@@ -1,4 +1,4 @@
-"""Plain Dion in the paper's notation: the test oracle.
+"""Plain Dion, Dion2 and Muon in their papers' notation: the test oracles.
 
 One m x n matrix at a time, no batching, no low precision, no process groups:
 Algorithm 1 of Ahn, Xu et al., "Dion: A Communication-Efficient Optimizer for
@@ -25,7 +25,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["dion_reference_step", "replicated_reference_step"]
+__all__ = [
+    "dion2_reference_step",
+    "dion_reference_step",
+    "muon_reference_step",
+    "newton_schulz_reference",
+    "replicated_reference_step",
+]
 
 
 def dion_reference_step(
@@ -106,3 +112,57 @@ def replicated_reference_step(
         Ms_new = [Mi.T for Mi in Ms_new]
     X_new = X * (1 - lr * weight_decay) - lr * math.sqrt(m / n) * update
     return X_new, Ms_new, Q_new
+
+
+def newton_schulz_reference(A: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration (Jordan et al. 2024), in ``A``'s dtype.
+
+    X = A / (||A||_F + eps), then ``steps`` times X = a X + b (X X^T) X + c (X X^T)^2 X
+    with (a, b, c) = (3.4445, -4.7750, 2.0315), on the wide orientation.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = A / (A.norm() + eps)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        S = X @ X.T
+        X = a * X + b * S @ X + c * S @ S @ X
+    return X.T if tall else X
+
+
+def dion2_reference_step(
+    X: Tensor, G: Tensor, M: Tensor, *, lr: float, ef_decay: float, fraction: float, wd: float
+) -> tuple[Tensor, Tensor]:
+    """One Dion2 step (arXiv 2512.16928) on one m x n matrix; returns ``(X_new, M_new)``.
+
+    B = M + G; the k = ceil(fraction min(m, n)) rows (m <= n) or columns (m > n) of
+    B with the largest L1 norm are orthogonalized together by Newton-Schulz and
+    applied to those slices of X, scaled lr sqrt(m / n), after weight decay on all
+    of X; the selected slices of the momentum are multiplied by ef_decay.
+    """
+    m, n = X.shape
+    B = M + G
+    tall = m > n
+    if tall:  # slices are columns: work on the transpose, where they are rows
+        B, X = B.T, X.T
+    k = max(1, min(B.shape[0], math.ceil(fraction * B.shape[0] - 1e-9)))
+    chosen = B.abs().sum(dim=1).argsort(descending=True)[:k]
+    U = newton_schulz_reference(B[chosen])
+    M_new = B.clone()
+    M_new[chosen] = ef_decay * B[chosen]
+    X_new = X * (1 - lr * wd)
+    X_new[chosen] -= lr * math.sqrt(m / n) * U
+    return (X_new.T, M_new.T) if tall else (X_new, M_new)
+
+
+def muon_reference_step(
+    X: Tensor, G: Tensor, M: Tensor, *, lr: float, mu: float, wd: float
+) -> tuple[Tensor, Tensor]:
+    """One step of torch.optim.Muon's defaults (Nesterov, ``adjust_lr_fn="original"``);
+    returns ``(X_new, M_new)`` with torch's momentum ``M = mu M + (1 - mu) G``."""
+    m, n = X.shape
+    M_new = mu * M + (1 - mu) * G
+    U = newton_schulz_reference((1 - mu) * G + mu * M_new)  # torch: grad.lerp(buf, mu)
+    X_new = X * (1 - lr * wd) - lr * math.sqrt(max(1.0, m / n)) * U
+    return X_new, M_new

@@ -73,7 +73,7 @@ from benchmarks.data import load_corpus  # noqa: E402
 from benchmarks.model import GPT, GPTConfig  # noqa: E402
 
 COMM_DTYPES = ("fp32", "bf16", "fp8_e4m3", "fp8_e5m2")
-MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3", "int4")
+MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "fp8_e4m3", "int4", "fp4_e2m1")
 MARKER = "COMPLETE"
 STEP_PREFIX = "step_"
 CKPT_VERSION = 1

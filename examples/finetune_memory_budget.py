@@ -20,7 +20,8 @@ over 10 % of the steps, then cosine decay to 10 %), dropout seed and steps:
   AdamW4bit), and dion_lp on bf16 weights with the step inside backward
   (``dion_lp.step_in_backward``: the gradients never coexist): ``dion_bf16_sr``
   (``weight_rounding="stochastic"``, int8 momentum), ``dion_bf16_nearest`` (the
-  same with nearest rounding: what SR saves), ``dion_bf16_sr_int4`` (int4 momentum).
+  same with nearest rounding: what SR saves), ``dion_bf16_sr_int4`` (int4
+  momentum) and ``dion_bf16_sr_fp4`` (fp4_e2m1 momentum).
 
 Every optimizer uses weight decay 0.01 (none on biases, norms and the head) and
 gives the new head ``--head-lr-mult`` (10) times its base learning rate: the

@@ -62,6 +62,9 @@ RECIPES: dict[str, Recipe] = {
     "dion_bf16_sr_int4": Recipe(
         "dion_lp", dtype=BF16, momentum="int4", weight_rounding="stochastic", in_backward=True
     ),
+    "dion_bf16_sr_fp4": Recipe(
+        "dion_lp", dtype=BF16, momentum="fp4_e2m1", weight_rounding="stochastic", in_backward=True
+    ),
 }
 DEFAULT_OPTIMIZERS = ("adamw", "adamw8bit_torchao", "adamw8bit_bnb", "dion", "dion_bf16_sr")
 

@@ -23,7 +23,7 @@ class EmbedNet(nn.Module):
 
 
 # every momentum format the optimizer stores (the registry's state formats)
-MOMENTUM_FORMATS = ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8", "int4"]
+MOMENTUM_FORMATS = ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8", "int4", "fp4_e2m1"]
 
 
 def small_mlp(seed: int = 0, hidden: int = 128) -> nn.Sequential:

@@ -245,3 +245,23 @@ def test_step_time_runs_every_config_and_the_breakdown(capsys):
     rows = step_time.breakdown((64, 96), 0.25, 1)
     assert [r["fmt"] for r in rows] == ["fp32", "bf16", "int8", "fp8_e4m3", "dynamic8"]
     assert rows[0]["share"] == 0.0 and all(0 < r["share"] < 1 for r in rows[1:])
+
+
+def test_vs_twin_is_the_share_lost_against_the_rows_fp32_twin():
+    """Closed form: init 5, reference 2, twin 3, row 3.3 (seed 0) and 3.1 (seed 1):
+    lost vs the reference (1.3 / 3, 1.1 / 3), vs the twin (0.3 / 2, 0.1 / 2)."""
+    from benchmarks._report import aggregate, format_table
+
+    def rec(row, seed, final):
+        return dict(row=row, seed=seed, status="ok", init_loss=5.0, final_loss=final,
+                    step_time=1.0, bytes_per_step=1, state_bytes_per_param=1.0, evals=[])  # fmt: skip
+
+    records = [rec("ref", s, 2.0) for s in (0, 1)] + [rec("twin", s, 3.0) for s in (0, 1)]
+    records += [rec("row", 0, 3.3), rec("row", 1, 3.1)]
+    summary = aggregate(records, ["ref", "twin", "row"], "ref", {"row": "twin"})
+    row = summary[2]
+    assert math.isclose(row["share_lost_mean"], (1.3 / 3 + 1.1 / 3) / 2)
+    assert math.isclose(row["share_lost_twin_mean"], (0.15 + 0.05) / 2)
+    assert math.isclose(row["share_lost_twin_std"], math.sqrt(2) * 0.05)
+    assert row["twin"] == "twin" and summary[1]["share_lost_twin_mean"] is None
+    assert "+0.100 ± 0.071" in format_table(summary, "ref")

@@ -22,7 +22,7 @@ from dion_lp.quant.formats import format_info
 from dion_lp.quant.rng import key_tensor
 
 LIKE_SHAPE = (96, 64)  # 6144 elements: quantized (>= MIN_QUANT_NUMEL), rows of 64
-SCALED = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8", "int4")
+SCALED = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8", "int4", "fp4_e2m1")
 
 
 def create(state: dict, name: str, shape: tuple[int, ...], fmt: str, block_size: int = 256):

@@ -67,8 +67,8 @@ def test_registry_and_sizes() -> None:
     assert buffer_nbytes((768, 3072), "int4", 256) == 768 * 3072 // 2 + 768 * 12 * 4
     spec = [ParamSpec("w", (768, 3072), "dion-matrix")]
     rank4, rank16 = (dion_state_bytes(spec, DionConfig("int4", f)) for f in (1 / 4, 1 / 16))
-    assert (rank4, rank16) == (1_511_424, 1_290_240)  # + Q bf16 768 x 192 / 768 x 48
-    assert rank4 / (768 * 3072) == 0.640625 and rank16 / (768 * 3072) == 0.546875
+    assert (rank4, rank16) == (1_363_968, 1_253_376)  # + Q fp8 768 x 192 / 768 x 48
+    assert rank4 / (768 * 3072) == 0.578125 and rank16 / (768 * 3072) == 0.53125
 
 
 def test_packing_layout_of_a_known_tensor() -> None:
@@ -246,9 +246,9 @@ def test_compiled_kernels_equal_eager(compiled) -> None:
     def run(stochastic: bool) -> tuple[torch.Tensor, ...]:
         codes, scales = torch.empty(300, 32, dtype=torch.uint8), torch.empty(300)
         absmax = x.abs().amax(dim=1)  # eager: one graph less to compile
-        kernels.encode_int4_(x, codes, scales, absmax, stochastic, key)
+        kernels.encode_4bit_(x, codes, scales, absmax, "int4", stochastic, key)
         add = torch.randn(300, 64, generator=torch.Generator().manual_seed(1))
-        return codes, scales, kernels.decode_int4_blocks(codes, scales, add)
+        return codes, scales, kernels.decode_4bit_blocks(codes, scales, "int4", add)
 
     for stochastic in (True, False):
         kernels.set_compile(False)
@@ -343,13 +343,15 @@ def test_resume_is_bit_exact() -> None:
     assert formats == {"int4", "udynamic8", "fp32"}  # exp_avg_sq: 8-bit; the bias: fp32
 
 
-@pytest.mark.parametrize("scalar", ["lion", "adamw"])
-def test_state_bytes_equal_the_closed_form(scalar: str) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "scalar"), [("int4", "lion"), ("int4", "adamw"), ("fp4_e2m1", "lion")]
+)
+def test_state_bytes_equal_the_closed_form(fmt: str, scalar: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Embedding(512, 64), nn.Linear(64, 256), nn.LayerNorm(256), nn.Linear(256, 96)
     )
-    cfg = DionConfig("int4", 1 / 4, scalar=scalar)
+    cfg = DionConfig(fmt, 1 / 4, scalar=scalar)
     opt = cfg.build(model)
     for p in model.parameters():
         p.grad = torch.randn_like(p)

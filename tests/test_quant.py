@@ -20,10 +20,11 @@ from torch import Tensor
 from dion_lp import quant
 from dion_lp.quant import FORMATS, SCALED_FORMATS, dequantize, quantize
 from dion_lp.quant.formats import format_info
-from dion_lp.quant.rounding import unpack_int4
+from dion_lp.quant.rounding import unpack_fp4, unpack_int4
 
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-GRID_MAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int4": 7.0}
+GRID_MAX = {"int8": 127.0, "fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int4": 7.0, "fp4_e2m1": 6.0}
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 DYNAMIC = ("dynamic8", "udynamic8")
 EIGHT_BIT = ("int8", "fp8_e4m3", "fp8_e5m2", "dynamic8", "udynamic8")
 
@@ -34,6 +35,8 @@ def full_grid(fmt: str) -> Tensor:
     if fmt in ("int8", "int4"):
         top = int(GRID_MAX[fmt])
         return torch.arange(-top, top + 1, dtype=torch.float64)
+    if fmt == "fp4_e2m1":  # the OCP e2m1 values with both signs
+        return torch.cat([-E2M1.flip(0)[:-1], E2M1])
     if fmt in FP8_DTYPES:
         values = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPES[fmt]).double()
         return torch.unique(values[torch.isfinite(values)])  # +0 and -0 merge
@@ -75,8 +78,9 @@ def code_values(q: quant.QuantizedTensor) -> Tensor:
     """The grid value (scale 1) each code stands for, float64."""
     if q.fmt in DYNAMIC:
         return quant.dynamic_map(signed=q.fmt == "dynamic8").double()[q.codes.long()]
-    if q.fmt == "int4":  # two codes a byte
-        return unpack_int4(q.codes.view(1, -1)).view(-1)[: math.prod(q.shape)].double()
+    if q.fmt in ("int4", "fp4_e2m1"):  # two codes a byte
+        unpack = unpack_int4 if q.fmt == "int4" else unpack_fp4
+        return unpack(q.codes.view(1, -1)).view(-1)[: math.prod(q.shape)].double()
     return q.codes.double()
 
 
@@ -310,7 +314,7 @@ def test_saturates_instead_of_overflowing(fmt: str) -> None:
 
 
 def test_sizes_and_nbytes() -> None:
-    assert [quant.bytes_per_element(f) for f in FORMATS] == [4, 2, 1, 1, 1, 1, 1, 0.5]
+    assert [quant.bytes_per_element(f) for f in FORMATS] == [4, 2, 1, 1, 1, 1, 1, 0.5, 0.5]
     assert quant.scale_count(1000, 256, "int8") == 4
     assert quant.scale_count(1024, 256, "fp8_e4m3") == 4
     assert quant.scale_count(1000, 256, "bf16") == 0

@@ -78,6 +78,16 @@ def case_fp32(rank, world_size):
     return [p.detach() for p in params]
 
 
+def case_dion2_and_muon(rank, world_size):
+    """The matrices in a dion2 / muon group: their gradients averaged by grad_sync
+    (int8 momentum: the rounding bits are the same on every rank)."""
+    out = {}
+    for algorithm in ("dion2", "muon"):
+        params, _ = _run(world_size, rank, momentum_dtype="int8", algorithm=algorithm)
+        out[algorithm] = [p.detach() for p in params]
+    return out
+
+
 def case_formats(rank, world_size):
     out = {}
     for comm_dtype in ("bf16", "fp8_e4m3", "fp8_e5m2"):
@@ -240,6 +250,24 @@ def test_fp32_equals_single_process_on_the_mean_gradient(dist_results):
     expected = _single_process_reference(dist_results.world_size)
     for got, want in zip(per_rank[0], expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["dion2", "muon"])
+def test_dion2_and_muon_equal_single_process_on_the_mean_gradient(dist_results, algorithm):
+    per_rank = [r[algorithm] for r in dist_results["case_dion2_and_muon"]]
+    _assert_identical_across_ranks(per_rank)
+    params = _params()
+    opt = dion_lp.Dion(
+        _groups(params, momentum_dtype="int8"), lr=0.02, mu=MU, weight_decay=0.1,
+        algorithm=algorithm,
+    )  # fmt: skip
+    for step in range(STEPS):
+        per_step = [_grads(r, step) for r in range(dist_results.world_size)]
+        for i, p in enumerate(params):
+            p.grad = sum(g[i] for g in per_step) / dist_results.world_size
+        opt.step()
+    for got, want in zip(per_rank[0], params, strict=True):  # the mean: summed in another order
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("comm_dtype", ["bf16", "fp8_e4m3", "fp8_e5m2"])

@@ -164,9 +164,11 @@ def case_no_full_matrix_on_the_wire(rank, world):
     return log, debug.get_total_counts(), opt.comm_stats()["bytes_sent"] - before, sizes
 
 
-# (momentum, wire, stochastic rounding, residual): DCP round trips, every 8/16-bit format
+# (momentum, wire, stochastic rounding, residual): DCP round trips, every 8/16-bit
+# format and a 4-bit one (packed codes, and Q in fp8)
 DCP_RECIPES = (
     ("int8", "bf16", True, True),
+    ("fp4_e2m1", "bf16", True, False),
     ("fp8_e4m3", "fp8_e5m2", True, False),
     ("bf16", "fp8_e4m3", True, False),
     ("dynamic8", "fp32", False, False),

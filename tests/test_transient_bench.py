@@ -47,7 +47,7 @@ def test_missing_baseline_is_unavailable(monkeypatch):
 def test_grid_and_closed_forms():
     grid = default_grid(QUICK_SHAPE, 0.25, torchao_compile=False)
     keys = [c.key for c in grid]
-    assert len(keys) == len(set(keys)) == 16
+    assert len(keys) == len(set(keys)) == 17
     assert set(transient.ISSUE_PEAK_MIB) <= set(keys)
     by_key = dict(zip(keys, grid, strict=True))
     numel = QUICK_SHAPE[0] * QUICK_SHAPE[1]

@@ -38,6 +38,8 @@ from ..quant.weights import write_weights_
 
 __all__ = [
     "WHOLE_NUMEL",
+    "q_dtype",
+    "q_scale",
     "DionMatrix",
     "dion_step_",
     "init_dion_state",
@@ -50,6 +52,28 @@ __all__ = [
 # of at most quant.buffer.BLOCK_NUMEL elements (1 MiB in fp32) at a time. Smaller
 # momenta are decoded once per step (fewer passes: faster).
 WHOLE_NUMEL = 2**22
+
+
+def q_dtype(momentum_dtype: str) -> torch.dtype:
+    """How Q (S x r, the warm start of the next step) is stored for a momentum format.
+
+    fp32 beside an fp32 momentum; bf16 beside an 8- or 16-bit one; float8_e4m3fn,
+    times :func:`q_scale`, beside a 4-bit one (int4, fp4_e2m1), where a bf16 Q
+    would be a fifth of the state (0.125 of 0.64 B/param at rank 1/4). Q only
+    seeds the next power iteration (this step's update uses the fp32 Q_step), so
+    its rounding costs a little accuracy of the tracked subspace, never the update
+    itself; measured in the README's int4 table.
+    """
+    if momentum_dtype == "fp32":
+        return torch.float32
+    if momentum_dtype in ("int4", "fp4_e2m1"):
+        return torch.float8_e4m3fn
+    return torch.bfloat16
+
+
+def q_scale(dtype: torch.dtype, S: int) -> float:
+    """Q is stored times this: sqrt(S) for fp8 (unit columns have entries ~1 / sqrt(S)), else 1."""
+    return math.sqrt(S) if dtype == torch.float8_e4m3fn else 1.0
 
 
 @dataclass
@@ -194,8 +218,10 @@ def init_dion_state(
         residual = torch.zeros(k, U, dtype=torch.bfloat16, device=device)
         st["momentum_residual"] = place.wrap(residual, (rows, U))
     S = min(m, n)
-    Q = initial_right_factor(S, r, seed=seed, index=index)
-    Q = Q.to(device=device, dtype=torch.float32 if fmt == "fp32" else torch.bfloat16)
+    dtype = q_dtype(fmt)
+    Q = initial_right_factor(S, r, seed=seed, index=index).to(device)
+    Q = (Q * q_scale(dtype, S)).clamp_(-448.0, 448.0) if dtype.itemsize == 1 else Q
+    Q = Q.to(dtype=dtype)
     if place.row_dim == (0 if m >= n else 1):  # rows are T's rows: every rank holds all of Q
         st["Q"] = place.wrap(Q, (S, r), sharded=False)
     else:  # rows are T's columns: Q's rows are split like them
@@ -213,7 +239,11 @@ def read_momentum_(mat: DionMatrix) -> None:
     stay bounded whatever the matrix size.
     """
     buf = QuantizedBuffer(mat.state, "momentum")
-    mat.Q = local(mat.state["Q"]).float()
+    stored = local(mat.state["Q"])
+    mat.Q = stored.float()
+    scale = q_scale(stored.dtype, mat.long_short[1])
+    if scale != 1.0:
+        mat.Q.div_(scale)
     k, U = mat.place.length, mat.place.row_numel
     if buf.fmt != "fp32" and k * U > WHOLE_NUMEL:
         mat.blocks = tuple(block_ranges(k, U))
@@ -255,7 +285,8 @@ def _finish(mat: DionMatrix, seed: int) -> None:
     # M = B - (1 - mu) P R^T, written back in the momentum's format
     _error_feedback_(mat, stream_key(seed, mat.index, step, "momentum"))
     # Q = ColumnNormalize(R): R becomes this step's Q, the stored Q the next step's
-    Q_step = column_normalize_(mat.R, local(st["Q"]), mat.norms, n=mat.long_short[1])
+    stored, S = local(st["Q"]), mat.long_short[1]
+    Q_step = column_normalize_(mat.R, stored, mat.norms, n=S, scale=q_scale(stored.dtype, S))
     st["step"] += 1
     # X = X (1 - lr wd) - lr sqrt(m / n) P Q^T
     update_weights_(mat, Q_step, stream_key(seed, mat.index, step, "param"))

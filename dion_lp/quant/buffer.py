@@ -32,6 +32,7 @@ returns them and callers update them in place.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -228,12 +229,15 @@ class QuantizedBuffer:
         if self.fmt in ("dynamic8", "udynamic8"):  # codebook lookups: the eager codec
             return self._read_codebook(codes, scales, add, out)
         eb = self.info["row_block"] if info.scaled else _chunk(U)
-        decode = kernels.decode_int4_blocks if self.fmt == "int4" else kernels.decode_blocks
-        blocks = codes.view(-1, eb // info.pack)  # one block per row (int4: eb / 2 bytes)
+        if info.pack == 2:  # int4, fp4_e2m1
+            decode = functools.partial(kernels.decode_4bit_blocks, fmt=self.fmt)
+        else:
+            decode = kernels.decode_blocks
+        blocks = codes.view(-1, eb // info.pack)  # one block per row (4-bit: eb / 2 bytes)
         if width == U and (add is None or add.is_contiguous()):  # blocks of whole rows
             blocks_add = None if add is None else add.view(-1, eb)
             out = None if out is None else out.view(-1, eb)
-            return decode(blocks, scales, blocks_add, out).view(k, U)
+            return decode(blocks, scales, add=blocks_add, out=out).view(k, U)
         values = decode(blocks, scales).view(k, width)[:, :U]
         return values if add is None else values + add
 

@@ -300,8 +300,8 @@ def encode_blocks_(
     key: Tensor | None,
 ) -> None:
     """Blocks of a scaled format: absmax checked first, then one fused kernel per run."""
-    if fmt == "int4":
-        int4.encode_(x, codes, scales, block_size, stochastic, key)
+    if REGISTRY[fmt].pack == 2:  # int4, fp4_e2m1
+        int4.encode_(x, codes, scales, block_size, stochastic, key, fmt)
         return
     n = x.numel()
     pieces = []
@@ -376,8 +376,8 @@ def decode(
     if fmt not in SCALED_FORMATS:
         return out.copy_(codes)
     scales = _checked_scales(scales, scale_count(numel, block_size, fmt), "scales")
-    if fmt == "int4":
-        return int4.decode(codes, scales, block_size, numel, out)
+    if REGISTRY[fmt].pack == 2:  # int4, fp4_e2m1
+        return int4.decode(codes, scales, block_size, numel, out, fmt)
     if fmt in ("dynamic8", "udynamic8"):
         torch.index_select(codebook_index(fmt, codes.device).book, 0, codes.int(), out=out)
     elif fmt == "fp8_e4m3" and codes.device.type == "cpu":

@@ -15,15 +15,19 @@ format         codes dtype         scaled  used for
 ``dynamic8``   uint8               yes     state
 ``udynamic8``  uint8               yes     non-negative state (AdamW's second moment)
 ``int4``       uint8, 2 per byte   yes     state (signed, in [-7, 7])
+``fp4_e2m1``   uint8, 2 per byte   yes     state (signed, OCP e2m1 grid, max 6)
 =============  ==================  ======  =====================================
 
 A scaled format stores one float32 scale per block of elements. ``built`` says
 whether the optimizer can run with a format: a format in the table that is not
 built is accepted by name and refused with ``NotImplementedError`` (none today).
 
-``int4`` packs two codes per byte (``pack == 2``): element ``2 j`` in the low
-nibble of byte ``j``, element ``2 j + 1`` in the high one, each a two's-complement
-nibble (:mod:`dion_lp.quant.int4`). Its non-negative buffers (AdamW's second
+``int4`` and ``fp4_e2m1`` pack two codes per byte (``pack == 2``): element ``2 j``
+in the low nibble of byte ``j``, element ``2 j + 1`` in the high one, each a
+two's-complement level (int4) or a sign-magnitude e2m1 pattern (fp4_e2m1; the
+grid {0, 0.5, 1, 1.5, 2, 3, 4, 6} times ``absmax / 6``: finer near zero, which
+suits a block's many small values better than int4's even steps:
+:mod:`dion_lp.quant.int4`). Its non-negative buffers (AdamW's second
 moment) are kept in ``udynamic8``: a linear 4-bit grid flushes the small second
 moments of a block to zero (Li et al. 2023, "Memory efficient optimizers with
 4-bit states", the zero-point problem), and Dion and Lion need only the signed
@@ -111,6 +115,15 @@ REGISTRY: dict[str, Format] = {
         Format("udynamic8", torch.uint8, scaled=True, state=False, wire=False),
         Format(
             "int4", torch.uint8, scaled=True, state=True, wire=False, unsigned="udynamic8", pack=2
+        ),
+        Format(
+            "fp4_e2m1",
+            torch.uint8,
+            scaled=True,
+            state=True,
+            wire=False,
+            unsigned="udynamic8",
+            pack=2,
         ),
     )
 }

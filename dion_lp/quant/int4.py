@@ -1,4 +1,4 @@
-"""``int4``: a 4-bit scaled state format, two codes a byte, and its flat codec.
+"""The 4-bit scaled state formats ``int4`` and ``fp4_e2m1``: two codes a byte, and their flat codec.
 
 Codes. Each block of elements gets one float32 ``scale = absmax / 7`` and each
 element the integer level ``round(x / scale)`` in [-7, 7] (ties to even, or
@@ -22,15 +22,19 @@ Size and block. A ``rows x U`` buffer with ``nb`` blocks of ``eb`` (even)
 elements per row holds ``rows * nb * (eb / 2 + 4)`` bytes: 0.5 + 4 / eb bytes per
 element. int4 takes the group's ``block_size`` like every scaled format (default
 256: 0.515625 B/element). A 768 x 3072 Dion matrix then holds 1,216,512 bytes of
-momentum plus Q (bf16, 768 x r): 0.640625 B/param at rank 1/4 (r = 192) and
-0.546875 at rank 1/16 (r = 48), exactly (``buffer_nbytes``). With a bf16 Q, 0.6
-B/param at rank 1/4 is out of reach for any block: codes (0.5) + Q (0.125) =
-0.625 before a single scale; it takes an 8-bit Q. A larger block buys little
-(512: 0.5078, -1.2% of the rank-1/4 state) for +6% (Gaussian) to +21%
-(Student-t, 3 dof) relative RMS error (``python -m benchmarks.codecs``), so the
-default stays 256; ``block_size=512`` is there for who wants the bytes. bf16
-scales would save the same 2 bytes a block, at the price of the exact +-7 for a
-block's absmax and of a second scale dtype in every buffer.
+momentum plus Q, which beside a 4-bit momentum is stored in fp8 (768 x r bytes,
+:func:`dion_lp.algorithms.dion.q_dtype`): 0.578125 B/param at rank 1/4 (r = 192)
+and 0.53125 at rank 1/16 (r = 48), exactly (``buffer_nbytes``); with a bf16 Q it
+would be 0.640625 and 0.546875. A larger block buys little (512: 0.5078, -1.2% of
+the rank-1/4 state) for +6% (Gaussian) to +21% (Student-t, 3 dof) relative RMS
+error (``python -m benchmarks.codecs``), so the default stays 256. bf16 scales
+would save the same 2 bytes a block, at the price of the exact +-7 for a block's
+absmax and of a second scale dtype in every buffer.
+
+fp4_e2m1 shares all of this (layout, packing, sizes, blocks, random bits); only
+the grid differs (:func:`dion_lp.quant.rounding.fp4_nibbles`): {0, 0.5, 1, 1.5,
+2, 3, 4, 6} times ``absmax / 6``, twice as fine as int4's near zero and half as
+fine near the absmax, where a block holds few values.
 
 The flat codec here (:func:`encode_`, :func:`decode`) is what
 :func:`dion_lp.quant.quantize` / :func:`~dion_lp.quant.dequantize` use for
@@ -47,7 +51,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .rounding import int4_levels, pack_int4, unpack_int4
+from .rounding import fp4_nibbles, int4_levels, pack_int4, unpack_fp4, unpack_int4
 
 __all__ = ["decode", "encode_"]
 
@@ -59,8 +63,9 @@ def encode_(
     block_size: int,
     stochastic: bool,
     key: Tensor | None,  # (3,) int64: element i rounds with the bits of index key[2] + i
+    fmt: str = "int4",  # or "fp4_e2m1"
 ) -> None:
-    """Encode ``x`` in int4 into ``codes`` / ``scales`` (arguments checked by the caller).
+    """Encode ``x`` in ``fmt`` into ``codes`` / ``scales`` (arguments checked by the caller).
 
     Raises:
         ValueError: NaN or Inf in ``x``.
@@ -74,17 +79,19 @@ def encode_(
         xb = xb.view(rows, -1)
         absmax = kernels.absmax_blocks(xb)
         if not bool(torch.isfinite(absmax).all()):
-            raise ValueError("Invalid x: cannot encode NaN or Inf in int4")
+            raise ValueError(f"Invalid x: cannot encode NaN or Inf in {fmt}")
         runs.append((xb, start, block0, rows, absmax))
     if block_size % 2 == 0:  # every run starts on a byte and holds whole bytes
         for xb, start, block0, rows, absmax in runs:
             cb = codes[start // 2 : start // 2 + xb.numel() // 2].view(rows, -1)
             sb = scales[block0 : block0 + rows]
-            kernels.encode_int4_(xb, cb, sb, absmax, stochastic, kernels.shift_key(key, start))
+            kb = kernels.shift_key(key, start)
+            kernels.encode_4bit_(xb, cb, sb, absmax, fmt, stochastic, kb)
         return
     levels = torch.zeros(n + n % 2, dtype=torch.int32, device=x.device)
     for xb, start, block0, rows, absmax in runs:
-        lv, sc = int4_levels(xb, absmax, stochastic, kernels.shift_key(key, start))
+        levels_of = int4_levels if fmt == "int4" else fp4_nibbles
+        lv, sc = levels_of(xb, absmax, stochastic, kernels.shift_key(key, start))
         levels[start : start + xb.numel()] = lv.view(-1)
         scales[block0 : block0 + rows] = sc
     codes.copy_(pack_int4(levels.view(1, -1)).view(-1))
@@ -96,18 +103,20 @@ def decode(
     block_size: int,
     numel: int,
     out: Tensor,  # (numel,) fp32, written and returned
+    fmt: str = "int4",  # or "fp4_e2m1"
 ) -> Tensor:
-    """Decode ``numel`` int4 elements into ``out`` (arguments checked by the caller)."""
+    """Decode ``numel`` elements of ``fmt`` into ``out`` (arguments checked by the caller)."""
     full = numel // block_size
     done = full * block_size if block_size % 2 == 0 else 0
     if done:  # whole blocks of whole bytes: one fused kernel
         blocks = codes[: done // 2].view(full, -1)
-        kernels.decode_int4_blocks(blocks, scales[:full], out=out[:done].view(full, -1))
+        kernels.decode_4bit_blocks(blocks, scales[:full], fmt, out=out[:done].view(full, -1))
     for start, stop, block0, rows in kernels.block_runs(numel, block_size):
         if stop <= done:
             continue
         # the tail, or blocks straddling bytes: unpack their bytes, drop a leading nibble
-        levels = unpack_int4(codes[start // 2 : (stop + 1) // 2].view(1, -1)).view(-1)
+        unpack = unpack_int4 if fmt == "int4" else unpack_fp4
+        levels = unpack(codes[start // 2 : (stop + 1) // 2].view(1, -1)).view(-1)
         levels = levels[start % 2 : start % 2 + stop - start].float().view(rows, -1)
         out[start:stop].view(rows, -1).copy_(levels * scales[block0 : block0 + rows, None])
     return out

@@ -3,7 +3,7 @@
 Every kernel works on *blocks*: a ``(R, C)`` tensor, one quantization block (or
 one chunk of a bf16 row) per row. Inductor turns each into one vectorised C++
 loop on a CPU and a Triton kernel on CUDA: decode + add (B = M + G) in one pass,
-absmax in one, scale + (stochastic) rounding + store in one (int4: the nibbles
+absmax in one, scale + (stochastic) rounding + store in one (int4 and fp4_e2m1: the nibbles
 packed and unpacked inside those passes, ``(R, C // 2)`` bytes per ``(R, C)``
 block). The eager fallback runs the same Python functions and gives the same
 codes bit for bit (the rounding uses only integer and exact float operations;
@@ -30,16 +30,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rounding import bf16_codes, bf16_rounded_bits, int4_codes, scaled_codes, unpack_int4
+from .rounding import (
+    bf16_codes,
+    bf16_rounded_bits,
+    fp4_codes,
+    int4_codes,
+    scaled_codes,
+    unpack_fp4,
+    unpack_int4,
+)
 
 __all__ = [
     "absmax_blocks",
     "block_runs",
     "compile_enabled",
     "decode_blocks",
-    "decode_int4_blocks",
+    "decode_4bit_blocks",
     "encode_bf16_",
-    "encode_int4_",
+    "encode_4bit_",
     "encode_scaled_",
     "set_compile",
     "shift_key",
@@ -146,32 +154,44 @@ def encode_scaled_(
     _run(name, _encode_scaled, blocks, x, codes, scales, absmax, fmt, stochastic, key)
 
 
-def _encode_int4(
+_CODES_4BIT = {"int4": int4_codes, "fp4_e2m1": fp4_codes}
+
+
+def _unpack_int4_values(codes: Tensor) -> Tensor:
+    return unpack_int4(codes).float()
+
+
+_UNPACK_4BIT = {"int4": _unpack_int4_values, "fp4_e2m1": unpack_fp4}
+
+
+def _encode_4bit(
     x: Tensor,
     codes: Tensor,
     scales: Tensor,
     absmax: Tensor,
+    fmt: str,
     stochastic: bool,
     key: Tensor | None,
 ) -> None:
-    c, s = int4_codes(x, absmax, stochastic, key)
+    c, s = _CODES_4BIT[fmt](x, absmax, stochastic, key)
     codes.copy_(c)
     scales.copy_(s)
 
 
-def encode_int4_(
+def encode_4bit_(
     x: Tensor,  # (R, C) fp32, one block per row, C even
     codes: Tensor,  # (R, C // 2) uint8, written: two codes a byte
     scales: Tensor,  # (R,) fp32, written
     absmax: Tensor,  # (R,) fp32, finite (absmax_blocks, checked by the caller)
+    fmt: str,  # "int4" or "fp4_e2m1"
     stochastic: bool,
     key: Tensor | None,  # (3,) int64; base = global index of x[0, 0]
 ) -> None:
-    """Scales and packed codes of an int4 block per row of ``x``, in one fused kernel
-    (:func:`dion_lp.quant.rounding.int4_codes`)."""
-    name = f"encode_int4_{'sr' if stochastic else 'rn'}"
+    """Scales and packed codes of an int4 / fp4_e2m1 block per row of ``x``, in one
+    fused kernel (:func:`dion_lp.quant.rounding.int4_codes` / ``fp4_codes``)."""
+    name = f"encode_{fmt}_{'sr' if stochastic else 'rn'}"
     blocks = (x, codes, scales, absmax)
-    _run(name, _encode_int4, blocks, x, codes, scales, absmax, stochastic, key)
+    _run(name, _encode_4bit, blocks, x, codes, scales, absmax, fmt, stochastic, key)
 
 
 def _encode_bf16(x: Tensor, codes: Tensor, stochastic: bool, key: Tensor | None) -> None:
@@ -246,25 +266,30 @@ def decode_blocks(
     return out
 
 
-def _decode_int4(codes: Tensor, scales: Tensor, add: Tensor | None, out: Tensor) -> None:
-    values = unpack_int4(codes).float() * scales[:, None]
+def _decode_4bit(codes: Tensor, scales: Tensor, fmt: str, add: Tensor | None, out: Tensor) -> None:
+    values = _UNPACK_4BIT[fmt](codes) * scales[:, None]
     out.copy_(values + add if add is not None else values)
 
 
-def decode_int4_blocks(
-    codes: Tensor, scales: Tensor, add: Tensor | None = None, out: Tensor | None = None
+def decode_4bit_blocks(
+    codes: Tensor,
+    scales: Tensor,
+    fmt: str,
+    add: Tensor | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """fp32 ``level * scale`` (+ ``add``) of packed int4 blocks, one pass, into ``out``.
+    """fp32 ``value * scale`` (+ ``add``) of packed 4-bit blocks, one pass, into ``out``.
 
     Args:
         codes: (R, C // 2) uint8, two codes a byte (:func:`dion_lp.quant.rounding.pack_int4`).
         scales: (R,) fp32 scales.
+        fmt: "int4" (two's-complement levels) or "fp4_e2m1" (sign-magnitude e2m1).
         add: optional (R, C) fp32 tensor added to the decoded values (B = M + G).
         out: optional contiguous (R, C) fp32 tensor written and returned; None: a new one.
     """
     if out is None:
         out = torch.empty(codes.shape[0], 2 * codes.shape[1], device=codes.device)
-    name = f"decode_int4_{add is not None}"
+    name = f"decode_{fmt}_{add is not None}"
     blocks = tuple(t for t in (codes, scales, add, out) if t is not None)
-    _run(name, _decode_int4, blocks, codes, scales, add, out)
+    _run(name, _decode_4bit, blocks, codes, scales, fmt, add, out)
     return out

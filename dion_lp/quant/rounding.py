@@ -15,6 +15,14 @@ lowest normal binade first (a bias under 2^-20 of a grid step).
 int4 (:func:`int4_codes`): levels in [-7, 7] of ``x / (absmax / 7)``, packed two
 per byte by :func:`pack_int4` (element ``2 j`` in the low nibble of byte ``j``,
 two's complement) and unpacked by :func:`unpack_int4`.
+
+fp4_e2m1 (:func:`fp4_codes`): ``x / (absmax / 6)`` on the OCP e2m1 grid {0, 0.5,
+1, 1.5, 2, 3, 4, 6} with a sign, as sign-magnitude nibbles (bit 3 the sign, bits
+0-2 the grid index, which is the e2m1 bit pattern), packed like int4 and decoded
+by :func:`unpack_fp4`. The grid is uniform on [0, 2], [2, 4] and [4, 6] (steps
+0.5, 1, 2), so rounding is :func:`integer_levels` of the position within the
+segment (the same random bits as int8), exactly unbiased when stochastic, ties to
+the even index (the even mantissa) when nearest.
 """
 
 from __future__ import annotations
@@ -33,16 +41,20 @@ __all__ = [
     "Fp8Grid",
     "bf16_codes",
     "bf16_rounded_bits",
+    "fp4_codes",
+    "fp4_nibbles",
     "int4_codes",
     "int4_levels",
     "integer_levels",
     "pack_int4",
     "scaled_codes",
+    "unpack_fp4",
     "unpack_int4",
 ]
 
 INT8_MAX = 127.0
 INT4_MAX = 7.0  # symmetric: -8 (nibble 0b1000) is never written
+FP4_MAX = 6.0  # the largest e2m1 magnitude (index 7)
 _INT8_FRACTION_BITS = 23  # stochastic int8: fixed point, 127 * 2**23 < 2**31
 _BF16_MAX = torch.finfo(torch.bfloat16).max
 _BF16_MAX_BITS = 0x7F7F0000  # its fp32 bit pattern
@@ -188,3 +200,51 @@ def int4_codes(
     """
     levels, scales = int4_levels(x, absmax, stochastic, key)
     return pack_int4(levels), scales
+
+
+def fp4_nibbles(
+    x: Tensor,  # (R, C) fp32: R blocks of C elements
+    absmax: Tensor,  # (R,) fp32, finite
+    stochastic: bool,
+    key: Tensor | None,  # (3,) int64; base = global index of x[0, 0]
+) -> tuple[Tensor, Tensor]:
+    """(nibbles (R, C) int32 in [0, 15], scales (R,) fp32) of one fp4_e2m1 block per row.
+
+    ``scale = absmax / 6``; ``a = |x| / scale`` lies in the segment [0, 2) (step 0.5,
+    indices 0-4), [2, 4) (step 1, indices 4-6) or [4, 6] (step 2, indices 6-7); the
+    index is the segment's first index plus the rounded position ``(a - start) /
+    step`` (nearest even, or stochastic with int8's random bits). The sign bit is
+    set only on a non-zero index, so zero is always nibble 0; a zero block keeps
+    scale 0 and zero nibbles.
+    """
+    scales = absmax / FP4_MAX
+    y = x / torch.where(scales > 0, scales, 1.0)[:, None]
+    a = y.abs().clamp(max=FP4_MAX)
+    start = torch.where(a < 2.0, 0.0, torch.where(a < 4.0, 2.0, 4.0))
+    step = torch.where(a < 2.0, 0.5, start * 0.5)  # 0.5, 1, 2
+    first = torch.where(a < 2.0, 0, torch.where(a < 4.0, 4, 6))
+    index = first + integer_levels((a - start) / step, stochastic, key)
+    sign = torch.where((y < 0) & (index > 0), 8, 0)
+    return index | sign, scales
+
+
+def fp4_codes(
+    x: Tensor, absmax: Tensor, stochastic: bool, key: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(packed codes (R, C // 2) uint8, scales (R,) fp32) of ``x`` (R, C), C even:
+    :func:`fp4_nibbles` packed by :func:`pack_int4`."""
+    nibbles, scales = fp4_nibbles(x, absmax, stochastic, key)
+    return pack_int4(nibbles), scales
+
+
+def unpack_fp4(packed: Tensor) -> Tensor:
+    """(R, 2 C) fp32 e2m1 values in [-6, 6] of ``packed`` (R, C) uint8 (:func:`fp4_codes`).
+
+    Index ``e m`` (two exponent bits, one mantissa bit): ``m / 2`` when ``e == 0``,
+    else ``2**(e - 1) * (1 + m / 2)``.
+    """
+    v = packed.to(torch.int32)
+    nibbles = torch.stack((v & 15, v >> 4), dim=-1).reshape(packed.shape[0], -1)
+    e, m = (nibbles >> 1) & 3, (nibbles & 1).float()
+    magnitude = torch.where(e == 0, 0.5 * m, torch.exp2((e - 1).float()) * (1.0 + 0.5 * m))
+    return torch.where(nibbles >= 8, -magnitude, magnitude)
