@@ -65,6 +65,7 @@ MUON_LR = 0.02
 # Dion2 / Muon groups of dion_lp.Dion (the rest as Dion rows: Lion at SCALAR_LR)
 DION2 = dict(matrix_algorithm="dion2", rank_fraction=0.25, lr=0.04)
 MUON_DIONLP = dict(matrix_algorithm="muon", lr=0.04)
+NORDION2 = dict(DION2, matrix_algorithm="nordion2")  # lr not swept: Dion2's
 HYPERPARAMETERS = {
     "adamw": ADAMW,
     "dion": DION,
@@ -72,6 +73,7 @@ HYPERPARAMETERS = {
     "muon_lr": MUON_LR,
     "dion2": DION2,
     "muon_dionlp": MUON_DIONLP,
+    "nordion2": NORDION2,
 }
 UNAVAILABLE = (NotImplementedError, TypeError, ImportError, AttributeError)
 
@@ -344,6 +346,7 @@ def _twin(options: dict[str, Any]) -> str:
 
 _FULL_RANK = "full rank: the replicas average B itself ((m + n) r >= m n), not factors"
 _R4 = "rank 1/4: the factors P, R travel in this format"
+_ROWS_NOTE = "Dion2, local momenta: only a sketch and the selected rows travel"
 
 _MUON_NOTE = (
     "torch.optim.Muon runs Newton-Schulz in bf16, ~30x slower than fp32 matmuls on this CPU: "
@@ -421,6 +424,23 @@ ROWS: dict[str, Row] = {
     "dion_rank1_16": _row_dion(rank_fraction=1 / 16),
     "dion2_fp32": _row_dion(**DION2, note="Dion2, a quarter of the rows a step"),
     "dion2_int8_mom": _row_dion(**DION2, momentum_dtype="int8", note="Dion2, int8 SR"),
+    "dion2_rows_fp32": _row_dion(
+        **DION2, dion2_exchange="selected_rows", full_only=True, note=_ROWS_NOTE
+    ),
+    "dion2_rows_bf16": _row_dion(
+        **DION2, dion2_exchange="selected_rows", comm_dtype="bf16", full_only=True, note=_ROWS_NOTE
+    ),
+    "dion2_rows_fp8": _row_dion(
+        **DION2,
+        dion2_exchange="selected_rows",
+        comm_dtype="fp8_e4m3",
+        full_only=True,
+        note=_ROWS_NOTE,
+    ),
+    "nordion2_fp32": _row_dion(**NORDION2, full_only=True, note="NorDion2, Dion2's lr"),
+    "nordion2_int8_mom": _row_dion(
+        **NORDION2, momentum_dtype="int8", full_only=True, note="NorDion2, int8 SR"
+    ),
     "muon_fp32": _row_dion(**MUON_DIONLP, full_only=True, note="Muon in dion_lp, fp32 NS"),
     "muon_int8_mom": _row_dion(
         **MUON_DIONLP, momentum_dtype="int8", full_only=True, note="Muon in dion_lp, int8 SR"

@@ -35,8 +35,10 @@ from .layouts.placement import placement
 from .options import (
     ADDED_HYPERPARAMETERS,
     HYPERPARAMETERS,
+    MATRIX_ALGORITHMS,
     check_seed,
     dion_rank,
+    owns_exchange,
     validate_group,
 )
 from .quant.buffer import QuantizedBuffer
@@ -159,7 +161,7 @@ def _check_group(saved: dict[str, Any], group: dict[str, Any], index: int) -> No
 def _buffers(group: dict[str, Any]) -> dict[str, str]:
     """Name -> format asked for, of every quantized buffer a parameter of ``group`` keeps."""
     fmt, algorithm = group["momentum_dtype"], group["algorithm"]
-    if algorithm in ("dion", "dion2", "muon"):
+    if algorithm in MATRIX_ALGORITHMS:
         return {"momentum": fmt}
     return {
         name: state_format(fmt, unsigned=unsigned)
@@ -180,6 +182,8 @@ def _check_param_state(st: Any, p: Tensor, group: dict[str, Any], what: str) -> 
         required.add("Q")
         if group["momentum_residual"] and group["momentum_dtype"] != "fp32":
             required.add("momentum_residual")
+    if group["algorithm"] == "nordion2":
+        required.add("row_variance")
     allowed = required | {f"{b}_scales" for b in buffers}
     missing, unexpected = sorted(required - set(st)), sorted(set(st) - allowed, key=str)
     if missing or unexpected:
@@ -205,6 +209,8 @@ def _check_param_state(st: Any, p: Tensor, group: dict[str, Any], what: str) -> 
         m, n = shape
         want = (min(m, n), dion_rank(m, n, group["rank_fraction"], group["rank_multiple_of"]))
         _check_tensor(st["Q"], "Q", want, q_dtype(group["momentum_dtype"]), what)
+    if "row_variance" in required:
+        _check_tensor(st["row_variance"], "row_variance", (shape[0],), torch.float32, what)
     if "momentum_residual" in required:
         _check_tensor(st["momentum_residual"], "momentum_residual", (rows, U), torch.bfloat16, what)
 
@@ -264,7 +270,7 @@ def _new_state(opt: Any, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
     place = placement(p)
     if group["algorithm"] == "dion":
         init_dion_state(p, group, st, seed=opt.seed, index=opt.param_index(p), place=place)
-    elif group["algorithm"] in ("dion2", "muon"):
+    elif group["algorithm"] in MATRIX_ALGORITHMS:
         init_dion2_state(p, group, st, place)
     else:
         init_elementwise_state(p, group, st, place)
@@ -342,7 +348,7 @@ def synchronize_momenta(opt: Any, group: Any, replicas: Any, stats: CommStats) -
     their fp32 mean over ``group`` (plain parameters) or ``replicas`` (sharded ones)."""
     by_group: dict[str, list[tuple[QuantizedBuffer, Tensor]]] = {"local": [], "sharded": []}
     for g in opt.param_groups:
-        if g["algorithm"] != "dion":
+        if not owns_exchange(g):  # the others' momenta are identical on every rank
             continue
         for p in g["params"]:
             st = opt.state.get(p)

@@ -22,6 +22,7 @@ from torch import Tensor
 from . import _pickling, checkpoint
 from .algorithms.dion import DionMatrix, dion_step_, init_dion_state
 from .algorithms.dion2 import dion2_step_
+from .algorithms.dion2_rows import dion2_rows_step_
 from .algorithms.elementwise import elementwise_step_
 from .dist.accounting import CommStats
 from .dist.collectives import check_member, quantized_mean_
@@ -31,7 +32,7 @@ from .groups import checked_group
 from .layouts.local import LocalLayout
 from .layouts.placement import placement
 from .layouts.sharded import ShardedLayout, check_replicas
-from .options import check_seed
+from .options import check_seed, owns_exchange
 
 __all__ = ["Dion"]
 
@@ -41,15 +42,17 @@ class Dion(torch.optim.Optimizer):
 
     Args:
         params: tensors, named tensors, or param-group dicts. A group's
-            ``"algorithm"`` is ``"dion"`` (2-D matrices), ``"dion2"`` or ``"muon"``
-            (2-D matrices, whole: not FSDP2; :mod:`dion_lp.algorithms.dion2`),
+            ``"algorithm"`` is ``"dion"`` (2-D matrices), ``"dion2"``, ``"nordion2"``
+            or ``"muon"`` (2-D matrices, whole: not FSDP2; :mod:`dion_lp.algorithms.dion2`),
             ``"adamw"`` or ``"lion"``; any keyword below can be overridden per
             group. Use :func:`dion_lp.param_groups` to split a model the usual way.
         lr: learning rate (Dion's update has RMS ~ lr, like Muon's).
-        mu: Dion momentum coefficient in [0, 1); for "dion2" the decay of the
-            selected slices of the momentum (its ``ef_decay``), for "muon" its momentum.
+        mu: Dion momentum coefficient in [0, 1); for "dion2" / "nordion2" the decay
+            of the selected slices of the momentum (their ``ef_decay``), for "muon"
+            its momentum.
         weight_decay: decoupled: ``X <- X (1 - lr wd)``.
-        betas, eps: of the element-wise rules (Lion uses betas, not eps).
+        betas, eps: of the element-wise rules (Lion uses betas, not eps);
+            "nordion2" uses ``betas[1]`` for its per-row second moment.
         rank_fraction: r = ceil(rank_fraction * min(m, n)), in (0, 1]; for "dion2"
             the fraction of slices (rows or columns, along the short side) updated.
         rank_multiple_of: r is rounded up to a multiple of this (>= 1), capped at min(m, n).
@@ -65,6 +68,11 @@ class Dion(torch.optim.Optimizer):
             ``"stochastic"`` (unbiased: kept in expectation; the random bits of
             the state codecs, so resume stays exact). fp32 parameters are
             updated exactly either way; float16 ones only with "nearest".
+        dion2_exchange: how replicas share a "dion2" / "nordion2" matrix:
+            ``"mean_gradient"`` (default: its gradient is averaged whole, by DDP,
+            the hook or ``grad_sync``) or ``"selected_rows"`` (each rank keeps its
+            own momentum; only the row norms and the selected rows travel, the
+            rows in ``comm_dtype``: :mod:`dion_lp.algorithms.dion2_rows`).
         momentum_residual: keep what rounding the momentum dropped in a bf16
             buffer and add it back next step (an ablation of SR alone).
         block_size: quantization block of the 8-bit states (elements per scale
@@ -105,6 +113,7 @@ class Dion(torch.optim.Optimizer):
         comm_dtype: str = "fp32",
         stochastic_rounding: bool = True,
         weight_rounding: str = "nearest",
+        dion2_exchange: str = "mean_gradient",
         momentum_residual: bool = False,
         block_size: int = 256,
         process_group: Any = None,
@@ -125,6 +134,7 @@ class Dion(torch.optim.Optimizer):
             comm_dtype=comm_dtype,
             stochastic_rounding=stochastic_rounding,
             weight_rounding=weight_rounding,
+            dion2_exchange=dion2_exchange,
             momentum_residual=momentum_residual,
             block_size=block_size,
             algorithm=algorithm,
@@ -253,9 +263,15 @@ class Dion(torch.optim.Optimizer):
                 shard_parts.setdefault(key, []).append(mat)
             else:
                 local_mats.append(mat)
+        compressed = self._world_size > 1 and any(owns_exchange(item[0]) for item in elementwise)
+        if compressed:  # selected-rows Dion2: its gradients stay local, its rows travel
+            rows = [item for item in elementwise if owns_exchange(item[0])]
+            elementwise = [item for item in elementwise if not owns_exchange(item[0])]
+            items = [(g, p, grad, self.state[p], i) for g, p, grad, _, i in rows]
+            dion2_rows_step_(items, self._group, self._stats, seed=self._seed)
         self._sync_elementwise_grads(elementwise)
         for group, p, grad, place, index in elementwise:
-            rule = dion2_step_ if group["algorithm"] in ("dion2", "muon") else elementwise_step_
+            rule = elementwise_step_ if group["algorithm"] in ("adamw", "lion") else dion2_step_
             rule(p, grad, group, self.state[p], place=place, seed=self._seed, index=index)
         layout = LocalLayout(self._group, self._world_size, self._stats)
         # Replicas exchange every matrix's factors in one collective per phase; without

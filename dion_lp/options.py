@@ -15,6 +15,7 @@ from .quant.formats import MOMENTUM_FORMATS, WIRE_FORMATS, check_built
 __all__ = [
     "ADDED_HYPERPARAMETERS",
     "ALGORITHMS",
+    "DION2_EXCHANGES",
     "MATRIX_ALGORITHMS",
     "COMM_DTYPES",
     "HYPERPARAMETERS",
@@ -22,16 +23,18 @@ __all__ = [
     "NONFINITE_MODES",
     "WEIGHT_ROUNDINGS",
     "check_seed",
+    "owns_exchange",
     "dion_rank",
     "validate_group",
 ]
 
-ALGORITHMS = ("dion", "dion2", "muon", "adamw", "lion")
-MATRIX_ALGORITHMS = ("dion", "dion2", "muon")  # 2-D matrices only
+ALGORITHMS = ("dion", "dion2", "nordion2", "muon", "adamw", "lion")
+MATRIX_ALGORITHMS = ("dion", "dion2", "nordion2", "muon")  # 2-D matrices only
 MOMENTUM_DTYPES = MOMENTUM_FORMATS
 COMM_DTYPES = WIRE_FORMATS
 NONFINITE_MODES = ("raise", "skip")
 WEIGHT_ROUNDINGS = ("nearest", "stochastic")
+DION2_EXCHANGES = ("mean_gradient", "selected_rows")
 # Every key validate_group reads: a group (or a saved one) must have them all.
 HYPERPARAMETERS = (
     "lr",
@@ -49,10 +52,11 @@ HYPERPARAMETERS = (
     "momentum_residual",
     "block_size",
     "weight_rounding",
+    "dion2_exchange",
 )
 # Keys added after a state-dict format was released: a saved group without one
 # loads with the value that reproduces how it was trained.
-ADDED_HYPERPARAMETERS = {"weight_rounding": "nearest"}
+ADDED_HYPERPARAMETERS = {"weight_rounding": "nearest", "dion2_exchange": "mean_gradient"}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -105,6 +109,7 @@ def validate_group(group: dict[str, Any]) -> None:
     check_built(group["comm_dtype"], "comm_dtype")
     _check_choice("nonfinite", group["nonfinite"], NONFINITE_MODES)
     _check_choice("weight_rounding", group["weight_rounding"], WEIGHT_ROUNDINGS)
+    _check_choice("dion2_exchange", group["dion2_exchange"], DION2_EXCHANGES)
     if not isinstance(group["stochastic_rounding"], bool):
         raise ValueError(
             f"Invalid stochastic_rounding: {group['stochastic_rounding']!r}; expected a bool"
@@ -116,6 +121,16 @@ def validate_group(group: dict[str, Any]) -> None:
     block = group["block_size"]
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"Invalid block_size: {block!r}; expected an integer >= 1")
+
+
+def owns_exchange(group: dict[str, Any]) -> bool:
+    """Whether the optimizer itself exchanges what this group's replicas share, so its
+    gradients must stay local: Dion's factors, and Dion2 / NorDion2 with
+    ``dion2_exchange="selected_rows"`` (only the selected rows travel)."""
+    algorithm = group.get("algorithm")
+    if algorithm == "dion":
+        return True
+    return algorithm in ("dion2", "nordion2") and group.get("dion2_exchange") == "selected_rows"
 
 
 def check_seed(seed: Any) -> int:

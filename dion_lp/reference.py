@@ -29,6 +29,7 @@ __all__ = [
     "dion2_reference_step",
     "dion_reference_step",
     "muon_reference_step",
+    "nordion2_reference_step",
     "newton_schulz_reference",
     "replicated_reference_step",
 ]
@@ -166,3 +167,33 @@ def muon_reference_step(
     U = newton_schulz_reference((1 - mu) * G + mu * M_new)  # torch: grad.lerp(buf, mu)
     X_new = X * (1 - lr * wd) - lr * math.sqrt(max(1.0, m / n)) * U
     return X_new, M_new
+
+
+def nordion2_reference_step(
+    X: Tensor,
+    G: Tensor,
+    M: Tensor,
+    V: Tensor,
+    *,
+    lr: float,
+    ef_decay: float,
+    fraction: float,
+    beta2: float,
+    wd: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One NorDion2 step (Dion2 on rows + NorMuon's per-neuron normalisation); returns
+    ``(X_new, M_new, V_new)``, ``V`` the per-row second moment (m,)."""
+    m, n = X.shape
+    B = M + G
+    k = max(1, min(m, math.ceil(fraction * m - 1e-9)))
+    chosen = B.abs().sum(dim=1).argsort(descending=True)[:k]
+    U = newton_schulz_reference(B[chosen])
+    V_new = V.clone()
+    V_new[chosen] = beta2 * V[chosen] + (1 - beta2) * (U * U).mean(dim=1)
+    normed = U / (V_new[chosen].sqrt() + 1e-8)[:, None]
+    normed = normed * (U.norm() / normed.norm())
+    M_new = B.clone()
+    M_new[chosen] = ef_decay * B[chosen]
+    X_new = X * (1 - lr * wd)
+    X_new[chosen] -= lr * math.sqrt(m / n) * normed
+    return X_new, M_new, V_new

@@ -253,8 +253,8 @@ def test_vs_twin_is_the_share_lost_against_the_rows_fp32_twin():
     from benchmarks._report import aggregate, format_table
 
     def rec(row, seed, final):
-        return dict(row=row, seed=seed, status="ok", init_loss=5.0, final_loss=final,
-                    step_time=1.0, bytes_per_step=1, state_bytes_per_param=1.0, evals=[])  # fmt: skip
+        common = dict(step_time=1.0, bytes_per_step=1, state_bytes_per_param=1.0, evals=[])
+        return dict(row=row, seed=seed, status="ok", init_loss=5.0, final_loss=final, **common)
 
     records = [rec("ref", s, 2.0) for s in (0, 1)] + [rec("twin", s, 3.0) for s in (0, 1)]
     records += [rec("row", 0, 3.3), rec("row", 1, 3.1)]

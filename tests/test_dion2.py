@@ -1,4 +1,4 @@
-"""Dion2 and Muon groups (dion_lp.algorithms.dion2), in every momentum format.
+"""Dion2, NorDion2 and Muon groups (dion_lp.algorithms.dion2), in every momentum format.
 
 Oracles: the float64 references of dion_lp.reference (each algorithm as its paper
 writes it), torch.optim.Muon for Muon's conventions, a brute-force L1 ranking for
@@ -18,7 +18,12 @@ from torch import nn
 
 import dion_lp
 from dion_lp.algorithms.dion2 import newton_schulz, selected_slices
-from dion_lp.reference import dion2_reference_step, muon_reference_step, newton_schulz_reference
+from dion_lp.reference import (
+    dion2_reference_step,
+    muon_reference_step,
+    newton_schulz_reference,
+    nordion2_reference_step,
+)
 
 SHAPES = [(48, 80), (96, 40)]  # wide: rows are selected; tall: columns
 
@@ -51,6 +56,23 @@ def test_dion2_equals_the_float64_reference(shape, fraction: float) -> None:
     assert (W.double() - X).abs().max() <= 1e-5 * X.abs().max()
     M_opt = run["opt"].state[W]["momentum_codes"]
     assert (M_opt.double() - M).abs().max() <= 1e-5 * M.abs().max()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nordion2_equals_the_float64_reference(shape) -> None:
+    """Rows are selected whatever the shape; the per-row second moment follows too."""
+    W, run = _run("nordion2", shape, steps=5, rank_fraction=0.25)
+    torch.manual_seed(0)
+    X = torch.randn(shape).double()
+    M, V = torch.zeros_like(X), torch.zeros(shape[0], dtype=torch.float64)
+    for G in run["grads"]:
+        X, M, V = nordion2_reference_step(
+            X, G.double(), M, V, lr=0.02, ef_decay=0.9, fraction=0.25, beta2=0.95, wd=0.1
+        )
+    assert (W.double() - X).abs().max() <= 1e-5 * X.abs().max()
+    variance = run["opt"].state[W]["row_variance"].double()
+    assert (variance - V).abs().max() <= 1e-5 * V.abs().max()
+    assert (V > 0).sum() >= 0.25 * shape[0]  # at least the last step's rows
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -91,13 +113,11 @@ def test_newton_schulz_orthogonalizes_like_the_reference() -> None:
     U = newton_schulz(A)
     assert (U.double() - newton_schulz_reference(A.double())).abs().max() < 1e-5
     s = torch.linalg.svdvals(U.double())
-    assert 0.6 < s.min() and s.max() < 1.25  # the quintic's band, not exactly 1
+    assert s.min() > 0.6 and s.max() < 1.25  # the quintic's band, not exactly 1
     left, _, right = torch.linalg.svd(A.double(), full_matrices=False)
     polar = left @ right
     assert (U.double() * polar).sum() / (U.double().norm() * polar.norm()) > 0.98
-    assert torch.equal(newton_schulz(A.T), newton_schulz(A).T) or torch.allclose(
-        newton_schulz(A.T), newton_schulz(A).T, atol=1e-6
-    )
+    assert torch.allclose(newton_schulz(A.T), newton_schulz(A).T, atol=1e-6)  # orientation
 
 
 def test_selection_is_the_top_l1_slices() -> None:
@@ -112,7 +132,7 @@ def test_selection_is_the_top_l1_slices() -> None:
         assert torch.equal(idx, norms.argsort(descending=True)[:k].sort().values)
 
 
-@pytest.mark.parametrize("algorithm", ["dion2", "muon"])
+@pytest.mark.parametrize("algorithm", ["dion2", "nordion2", "muon"])
 @pytest.mark.parametrize("fmt", MOMENTUM_FORMATS)
 def test_every_format_steps_and_resumes_exactly(algorithm: str, fmt: str) -> None:
     """Step 1 (M = 0) is the fp32 step bit for bit; save after 2, resume, 2 more: the
@@ -141,7 +161,7 @@ def test_every_format_steps_and_resumes_exactly(algorithm: str, fmt: str) -> Non
         assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
 
 
-@pytest.mark.parametrize("algorithm", ["dion2", "muon"])
+@pytest.mark.parametrize("algorithm", ["dion2", "nordion2", "muon"])
 def test_int8_momentum_trains_like_fp32(algorithm: str) -> None:
     """Under 1% of the fp32 run's loss reduction lost after 100 steps (initial 2.086)."""
 
@@ -198,3 +218,15 @@ def test_bf16_weights_round_stochastically() -> None:
     ulp = (exact.detach().abs().double() * 2.0**-7).clamp(min=1e-30)
     sigma = ulp / 2 / 8  # <= half an ulp per draw, over sqrt(64)
     assert ((stack.mean(0) - exact.detach().double()).abs() <= 5 * sigma + 1e-7).all()
+
+
+def test_state_dict_without_dion2_exchange_loads_as_mean_gradient():
+    """A group saved before the key existed loads with the mode it trained in."""
+    W, run = _run("dion2", (32, 48), steps=1, rank_fraction=0.25, dion2_exchange="selected_rows")
+    sd = run["opt"].state_dict()
+    for group in sd["param_groups"]:
+        del group["dion2_exchange"]
+    run["opt"].load_state_dict(sd)
+    assert all(g["dion2_exchange"] == "mean_gradient" for g in run["opt"].param_groups)
+    with pytest.raises(ValueError, match="Invalid dion2_exchange: 'rows'"):
+        dion_lp.Dion([W], dion2_exchange="rows")

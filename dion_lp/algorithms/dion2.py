@@ -1,4 +1,4 @@
-"""Dion2 and Muon on whole matrices, with the momentum in any state format.
+"""Dion2, NorDion2 and Muon on whole matrices, with the momentum in any state format.
 
 Dion2 (arXiv 2512.16928), for an m x n matrix, with ``alpha = rank_fraction`` and
 ``mu`` the error-feedback decay (the paper's ``ef_decay``)::
@@ -9,6 +9,13 @@ Dion2 (arXiv 2512.16928), for an m x n matrix, with ``alpha = rank_fraction`` an
     U = NewtonSchulz(B[I])                     # k x n (or m x k), fp32
     M = B, with M[I] = mu B[I]                 # what was not applied keeps accumulating
     X = X (1 - lr wd);  X[I] -= lr sqrt(m / n) U
+
+NorDion2 (microsoft/dion's ``NorDion2``, exported there as Dion3) is Dion2 with
+NorMuon's per-neuron normalisation: slices are always rows (neurons), and with
+``beta2 = betas[1]`` and a per-row second moment ``V`` (fp32, m values)::
+
+    V[I] = beta2 V[I] + (1 - beta2) mean_j U_ij^2
+    U = U / (sqrt(V[I]) + 1e-8), rescaled to its Frobenius norm before
 
 Muon (Jordan et al. 2024) is the same machinery with every slice selected and
 Nesterov momentum, in the conventions of ``torch.optim.Muon``: ``M = mu (M + G)``,
@@ -74,22 +81,35 @@ def newton_schulz(A: Tensor, steps: int = NS_STEPS, eps: float = NS_EPS) -> Tens
     return X.T if tall else X
 
 
-def selected_slices(B: Tensor, fraction: float, multiple_of: int) -> tuple[int, Tensor]:
-    """(dim, sorted indices) of the slices Dion2 orthogonalizes: the ``k`` rows (m <= n) or
-    columns (m > n) of ``B`` (m, n) with the largest L1 norm, ``k`` as Dion's rank."""
+def selected_slices(
+    B: Tensor, fraction: float, multiple_of: int, rows_only: bool = False
+) -> tuple[int, Tensor]:
+    """(dim, sorted indices) of the slices Dion2 orthogonalizes: the ``k`` rows (m <= n or
+    ``rows_only``) or columns (m > n) of ``B`` (m, n) with the largest L1 norm, ``k =
+    ceil(fraction * slices)`` rounded up to ``multiple_of`` (as Dion's rank)."""
     m, n = B.shape
-    dim = 0 if m <= n else 1
-    k = dion_rank(m, n, fraction, multiple_of)
+    dim = 0 if m <= n or rows_only else 1
+    k = dion_rank(B.shape[dim], B.shape[dim], fraction, multiple_of)
     if k == B.shape[dim]:
         return dim, torch.arange(k, device=B.device)
     norms = B.abs().sum(dim=1 - dim)
     return dim, torch.topk(norms, k, sorted=False).indices.sort().values
 
 
+def _normalize_rows_(U: Tensor, V: Tensor, idx: Tensor, beta2: float) -> Tensor:
+    """NorMuon's per-row normalisation of ``U`` (k, n) with the rows ``idx`` of ``V`` (m,),
+    which it updates in place; returns U with its Frobenius norm kept."""
+    v = V.index_select(0, idx).lerp_(U.square().mean(dim=1), 1.0 - beta2)
+    V.index_copy_(0, idx, v)
+    out = U / (v.sqrt() + 1e-8)[:, None]
+    return out.mul_(torch.linalg.vector_norm(U) / torch.linalg.vector_norm(out).clamp(min=1e-8))
+
+
 def init_dion2_state(
     p: Tensor, group: dict[str, Any], st: dict[str, Any], place: Placement
 ) -> None:
-    """The zero momentum buffer of a Dion2 / Muon matrix, in rows like ``place``."""
+    """The zero momentum buffer of a Dion2 / NorDion2 / Muon matrix, in rows like ``place``
+    (and NorDion2's fp32 per-row second moment ``row_variance``, (m,))."""
     QuantizedBuffer.create(
         st,
         "momentum",
@@ -101,6 +121,8 @@ def init_dion2_state(
         device=local(p).device,
         wrap=place.wrap,
     )
+    if group["algorithm"] == "nordion2":
+        st["row_variance"] = torch.zeros(p.shape[0], device=local(p).device)
     st["step"] = 0
 
 
@@ -114,7 +136,7 @@ def dion2_step_(
     seed: int,
     index: int,
 ) -> None:
-    """One Dion2 (``group["algorithm"] == "dion2"``) or Muon step of the matrix ``p``, in place.
+    """One Dion2, NorDion2 or Muon step (``group["algorithm"]``) of the matrix ``p``, in place.
 
     Args:
         p: the (m, n) parameter, updated in its own dtype (``weight_rounding``).
@@ -126,27 +148,56 @@ def dion2_step_(
     """
     if not st:
         init_dion2_state(p, group, st, place)
-    step = st["step"]
-    st["step"] += 1
     buf = QuantizedBuffer(st, "momentum")
     G = grad.float()  # whole matrices: state rows are the parameter's rows
     B = buf.read(add=G)  # the state itself, updated in place, when fp32
     mu, (m, n) = group["mu"], p.shape
     if group["algorithm"] == "muon":
         B.mul_(mu)  # M = mu (M + G); the update orthogonalizes G + M (Nesterov)
-        dim, idx = 0, torch.arange(m, device=B.device)
+        idx = torch.arange(m, device=B.device)
         U = newton_schulz(B + G)
+        del G
         scale = math.sqrt(max(1.0, m / n))
-    else:
-        dim, idx = selected_slices(B, group["rank_fraction"], group["rank_multiple_of"])
-        selected = B.index_select(dim, idx)
-        U = newton_schulz(selected)
-        B.index_copy_(dim, idx, selected.mul_(mu))  # M[I] = mu B[I]
-        scale = math.sqrt(m / n)
+        finish_(p, B, U, 0, idx, group, st, seed=seed, index=index, scale=scale)
+        return
+    del G
+    dim, idx = selected_slices(
+        B, group["rank_fraction"], group["rank_multiple_of"], rows_only=rows_only(group)
+    )
+    selected = B.index_select(dim, idx)
+    U = newton_schulz(selected)
+    B.index_copy_(dim, idx, selected.mul_(mu))  # M[I] = mu B[I]
+    finish_(p, B, U, dim, idx, group, st, seed=seed, index=index, scale=math.sqrt(m / n))
+
+
+def rows_only(group: dict[str, Any]) -> bool:
+    """Whether the group's slices are always rows (NorDion2: per-neuron normalisation)."""
+    return group["algorithm"] == "nordion2"
+
+
+def finish_(
+    p: Tensor,
+    B: Tensor,
+    U: Tensor,
+    dim: int,
+    idx: Tensor,
+    group: dict[str, Any],
+    st: dict[str, Any],
+    *,
+    seed: int,
+    index: int,
+    scale: float,
+) -> None:
+    """The end of a step: B (the new momentum, fp32) written back, NorDion2's
+    normalisation of ``U``, and X's slices ``idx`` along ``dim`` moved by ``-lr scale U``."""
+    step = st["step"]
+    st["step"] += 1
+    buf = QuantizedBuffer(st, "momentum")
     if buf.fmt != "fp32":
         key = stream_key(seed, index, step, "momentum")
         buf.write(B, stochastic=group["stochastic_rounding"], key=key, consume=True)
-    del B, G
+    if rows_only(group):
+        U = _normalize_rows_(U, local(st["row_variance"]), idx, group["betas"][1])
     key = stream_key(seed, index, step, "param")
     _update_weights_(p, U, dim, idx, group, lr_scale=scale, key=key)
 

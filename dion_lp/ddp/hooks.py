@@ -5,7 +5,8 @@ returns a ``Future[Tensor]`` of the bucket's buffer, written by a ``fut.then(...
 callback. The states (:mod:`dion_lp.ddp.state`) are plain data; the algorithm is here.
 
 - :func:`dion_hook` + :class:`DionHookState`, for DDP + :class:`dion_lp.Dion`: the
-  gradient slices of params Dion owns (group ``"algorithm": "dion"``) stay LOCAL,
+  gradient slices of params Dion owns (``"dion"`` groups, and ``"dion2"`` /
+  ``"nordion2"`` groups with ``dion2_exchange="selected_rows"``) stay LOCAL,
   no collective at all (replicated Dion exchanges their factors itself and needs
   each rank's own gradient); every other slice is averaged in ``comm_dtype``.
 - :func:`compress_hook` + :class:`CompressState`, for any optimizer: every
@@ -53,6 +54,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..dist.accounting import DEFAULT_BLOCK_SIZE
 from ..optimizer import Dion
+from ..options import owns_exchange
 from ..quant.formats import WIRE_FORMATS, format_info
 from . import exchange
 from .state import HOOK_STATE_VERSION, CompressState, DionHookState, check_grad_sync
@@ -257,9 +259,7 @@ def register_ddp(
     check_grad_sync(optimizer)
     group = process_group if process_group is not None else ddp_model.process_group
     kw = {"block_size": block_size, "lowrank_rank": lowrank_rank}
-    if isinstance(optimizer, Dion) and any(
-        g["algorithm"] == "dion" for g in optimizer.param_groups
-    ):
+    if isinstance(optimizer, Dion) and any(owns_exchange(g) for g in optimizer.param_groups):
         if warmup_steps:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps!r}; dion_hook has no warm-up")
         state = DionHookState(optimizer, group, comm_dtype, error_feedback, **kw)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..dist.accounting import DEFAULT_BLOCK_SIZE, CommStats
 from ..dist.collectives import check_member
 from ..optimizer import Dion
+from ..options import owns_exchange
 from ..quant.formats import WIRE_FORMATS
 
 __all__ = ["HOOK_STATE_VERSION", "CompressState", "DionHookState", "HookState", "check_grad_sync"]
@@ -59,7 +60,7 @@ def _check_dion_optimizer(optimizer: Any, hook_world_size: int) -> None:
     if not isinstance(optimizer, Dion):
         return
     check_grad_sync(optimizer)
-    has_dion = any(g["algorithm"] == "dion" for g in optimizer.param_groups)
+    has_dion = any(owns_exchange(g) for g in optimizer.param_groups)
     if has_dion and hook_world_size > 1 and optimizer.world_size != hook_world_size:
         raise ValueError(
             f"Invalid optimizer: Dion is replicated over {optimizer.world_size} rank(s), the "
@@ -396,16 +397,17 @@ class DionHookState(HookState):
         self._owned = frozenset()
 
     def owned(self) -> frozenset[int]:
-        """``id`` of every param Dion owns (its group's algorithm is "dion")."""
+        """``id`` of every param whose exchange the optimizer owns (:func:`owns_exchange`:
+        "dion" groups, and Dion2 groups with ``dion2_exchange="selected_rows"``)."""
         if self._optimizer is None:
             raise ValueError(
                 "Invalid DionHookState: no optimizer (unpickled?); set state.optimizer = opt"
             )
         groups = self._optimizer.param_groups
-        signature = tuple((id(g), len(g["params"]), g.get("algorithm")) for g in groups)
+        signature = tuple(
+            (id(g), len(g["params"]), g.get("algorithm"), g.get("dion2_exchange")) for g in groups
+        )
         if signature != self._owner_signature:
-            self._owned = frozenset(
-                id(p) for g in groups if g.get("algorithm") == "dion" for p in g["params"]
-            )
+            self._owned = frozenset(id(p) for g in groups if owns_exchange(g) for p in g["params"])
             self._owner_signature = signature
         return self._owned
