@@ -46,6 +46,7 @@ from ..options import dion_rank
 from ..quant.buffer import QuantizedBuffer
 from ..quant.rng import stream_key
 from ..quant.weights import write_weights_
+from .elementwise import create_buffer
 
 __all__ = [
     "NS_COEFFICIENTS",
@@ -110,17 +111,7 @@ def init_dion2_state(
 ) -> None:
     """The zero momentum buffer of a Dion2 / NorDion2 / Muon matrix, in rows like ``place``
     (and NorDion2's fp32 per-row second moment ``row_variance``, (m,))."""
-    QuantizedBuffer.create(
-        st,
-        "momentum",
-        rows=place.rows,
-        row_numel=place.row_numel,
-        local_rows=place.length,
-        fmt=group["momentum_dtype"],
-        block_size=group["block_size"],
-        device=local(p).device,
-        wrap=place.wrap,
-    )
+    create_buffer(st, "momentum", group["momentum_dtype"], p, group, place)
     if group["algorithm"] == "nordion2":
         st["row_variance"] = torch.zeros(p.shape[0], device=local(p).device)
     st["step"] = 0

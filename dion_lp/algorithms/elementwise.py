@@ -26,6 +26,7 @@ __all__ = [
     "ELEMENTWISE_STATE",
     "adamw_update_",
     "apply_rule_",
+    "create_buffer",
     "elementwise_step_",
     "init_elementwise_state",
     "lion_update_",
@@ -150,22 +151,30 @@ def apply_rule_(
         lion_update_(X, grad, bufs["exp_avg"], **common)
 
 
+def create_buffer(
+    st: dict[str, Any], name: str, fmt: str, p: Tensor, group: dict[str, Any], place: Placement
+) -> None:
+    """A zero state buffer ``name`` of ``p`` in ``fmt``, in rows like ``place``."""
+    QuantizedBuffer.create(
+        st,
+        name,
+        rows=place.rows,
+        row_numel=place.row_numel,
+        local_rows=place.length,
+        fmt=fmt,
+        block_size=group["block_size"],
+        device=local(p).device,
+        wrap=place.wrap,
+    )
+
+
 def init_elementwise_state(
     p: Tensor, group: dict[str, Any], st: dict[str, Any], place: Placement
 ) -> None:
     """Create the zero state buffers of the group's rule for ``p``, in rows like ``place``."""
     for name, unsigned in ELEMENTWISE_STATE[group["algorithm"]].items():
-        QuantizedBuffer.create(
-            st,
-            name,
-            rows=place.rows,
-            row_numel=place.row_numel,
-            local_rows=place.length,
-            fmt=state_format(group["momentum_dtype"], unsigned=unsigned),
-            block_size=group["block_size"],
-            device=local(p).device,
-            wrap=place.wrap,
-        )
+        fmt = state_format(group["momentum_dtype"], unsigned=unsigned)
+        create_buffer(st, name, fmt, p, group, place)
     st["step"] = 0
 
 
