@@ -45,6 +45,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._state_bytes import state_bytes
+
 __all__ = [
     "DEFAULT_ROWS",
     "DION_COMM_MODES",
@@ -457,51 +459,3 @@ def unavailable_reason(exc: BaseException) -> str:
         return str(exc)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# ----------------------------------------------------------------------------- state bytes
-def _tensor_parts(t: Tensor) -> list[Tensor]:
-    """Plain tensors behind ``t`` (a tensor subclass is flattened, e.g. torchao's 8-bit state)."""
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is None or type(t) in (Tensor, nn.Parameter):
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [part for name in names for part in _tensor_parts(getattr(t, name))]
-
-
-def _walk(value: Any, out: list[Tensor]) -> None:
-    if isinstance(value, Tensor):
-        out.extend(_tensor_parts(value))
-    elif isinstance(value, dict):
-        for v in value.values():
-            _walk(v, out)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _walk(v, out)
-
-
-def state_bytes(opt: Any) -> int:
-    """Bytes of every optimizer-state tensor, each storage counted once.
-
-    Uses ``opt.state_bytes()`` when the optimizer has it (dion_lp.Dion); otherwise
-    walks ``opt.state`` (of each optimizer of an :class:`OptimizerList`), flattening
-    tensor subclasses and counting a storage shared by several states (bitsandbytes'
-    quantization maps) once.
-
-    Args:
-        opt: an optimizer or an :class:`OptimizerList`.
-
-    Returns:
-        Total bytes.
-    """
-    if isinstance(opt, OptimizerList):
-        return sum(state_bytes(o) for o in opt.optimizers)
-    if callable(getattr(opt, "state_bytes", None)):
-        return int(opt.state_bytes())
-    tensors: list[Tensor] = []
-    _walk(dict(opt.state), tensors)
-    seen: dict[tuple[int, int], int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-    return sum(seen.values())
