@@ -23,13 +23,19 @@ Nesterov momentum, in the conventions of ``torch.optim.Muon``: ``M = mu (M + G)`
 ``(1 - mu)`` times this momentum; Newton-Schulz normalises its input, so the
 update is the same.)
 
-Both keep one buffer, ``momentum``, in the group's ``momentum_dtype`` (fp32,
-bf16, int8, fp8_e4m3, dynamic8, int4, fp4_e2m1; stochastic rounding with the
-counter-based bits of :mod:`dion_lp.quant.rng`), written back once per step.
+All three keep one buffer, ``momentum`` (NorDion2 also a per-row
+``row_variance``), in the group's ``momentum_dtype`` (fp32, bf16, int8,
+fp8_e4m3, dynamic8, int4, fp4_e2m1; stochastic rounding with the counter-based
+bits of :mod:`dion_lp.quant.rng`), written back once per step.
 Newton-Schulz runs in fp32 on every device here (bf16 matmuls are ~90x slower
 on a CPU). Gradients must already be the replicas' mean (DDP, the dion_lp DDP
 hook, or ``grad_sync=True``): like AdamW and Lion groups, nothing else crosses
-the network. FSDP2-sharded parameters are refused (selection needs whole rows).
+the network; or, for Dion2 / NorDion2 with ``dion2_exchange="selected_rows"``,
+each rank keeps its own momentum and only the selected rows travel
+(:mod:`dion_lp.algorithms.dion2_rows`). FSDP2-sharded parameters are refused
+(selection needs whole rows). Memory: unlike Dion's, this step decodes a
+low-precision momentum whole (one fp32 copy of the matrix while it runs; no
+row-block streaming yet).
 """
 
 from __future__ import annotations

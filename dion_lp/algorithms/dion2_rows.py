@@ -28,6 +28,8 @@ would, against 96% and 97% for the sketch (``python -m
 benchmarks.dion2_selection``). Bytes per step: ``S x 16`` fp32 plus the ``k x n``
 rows in ``comm_dtype`` (fp32 / bf16 / fp8, through the quantized mean that never
 sums in 8 bits), against ``m x n`` fp32 for the gradient all-reduce.
+Memory: the step holds every matrix's fp32 B at once (the exchanges are coalesced
+over all of them), as Dion's replicated step holds its momenta.
 """
 
 from __future__ import annotations
