@@ -61,7 +61,8 @@ from dion_lp.ddp.lowrank import compressed_shape
 from dion_lp.dist.accounting import collective_bytes, mean_bytes
 from dion_lp.options import dion_rank
 
-from ._rows import ADAMW, DION, SCALAR_LR
+from ._baselines import ADAMW
+from ._rows import DION, SCALAR_LR
 from ._spawn import exit_rank
 from .model import GPT, GPTConfig
 

@@ -54,7 +54,8 @@ from dion_lp.algorithms.elementwise import state_format as scalar_format
 from dion_lp.options import dion_rank
 from dion_lp.quant.buffer import buffer_nbytes
 
-from ._rows import OptimizerList, _adamw_groups, _split_named, state_bytes
+from ._baselines import OptimizerList, _adamw_groups, _split_named
+from ._state_bytes import state_bytes
 from ._tables import Column, environment, format_table, write_results
 from .model import GPT, GPTConfig
 from .shapes import GPT2_SMALL, ParamSpec, from_model, shapes

@@ -71,8 +71,8 @@ class Dion(torch.optim.Optimizer):
         dion2_exchange: how replicas share a "dion2" / "nordion2" matrix:
             ``"mean_gradient"`` (default: its gradient is averaged whole, by DDP,
             the hook or ``grad_sync``) or ``"selected_rows"`` (each rank keeps its
-            own momentum; only the row norms and the selected rows travel, the
-            rows in ``comm_dtype``: :mod:`dion_lp.algorithms.dion2_rows`).
+            own momentum; only a 16-column sketch and the selected rows travel,
+            the rows in ``comm_dtype``: :mod:`dion_lp.algorithms.dion2_rows`).
         momentum_residual: keep what rounding the momentum dropped in a bf16
             buffer and add it back next step (an ablation of SR alone).
         block_size: quantization block of the 8-bit states (elements per scale
@@ -247,13 +247,13 @@ class Dion(torch.optim.Optimizer):
         """
         local_mats: list[DionMatrix] = []
         shard_parts: dict[tuple[int, ...], list[DionMatrix]] = {}
-        elementwise = []
+        per_param = []
         for group, p, grad in items:
             place, index, st = placement(p), self._param_index[id(p)], self.state[p]
             if place.sharded:
                 check_replicas(place, self._replicas)
             if group["algorithm"] != "dion":
-                elementwise.append((group, p, local(grad), place, index))
+                per_param.append((group, p, local(grad), place, index))
                 continue
             if not st:
                 init_dion_state(p, group, st, seed=self._seed, index=index, place=place)
@@ -263,14 +263,14 @@ class Dion(torch.optim.Optimizer):
                 shard_parts.setdefault(key, []).append(mat)
             else:
                 local_mats.append(mat)
-        compressed = self._world_size > 1 and any(owns_exchange(item[0]) for item in elementwise)
+        compressed = self._world_size > 1 and any(owns_exchange(item[0]) for item in per_param)
         if compressed:  # selected-rows Dion2: its gradients stay local, its rows travel
-            rows = [item for item in elementwise if owns_exchange(item[0])]
-            elementwise = [item for item in elementwise if not owns_exchange(item[0])]
+            rows = [item for item in per_param if owns_exchange(item[0])]
+            per_param = [item for item in per_param if not owns_exchange(item[0])]
             items = [(g, p, grad, self.state[p], i) for g, p, grad, _, i in rows]
             dion2_rows_step_(items, self._group, self._stats, seed=self._seed)
-        self._sync_elementwise_grads(elementwise)
-        for group, p, grad, place, index in elementwise:
+        self._sync_per_param_grads(per_param)
+        for group, p, grad, place, index in per_param:  # element-wise rules, Dion2, Muon
             rule = elementwise_step_ if group["algorithm"] in ("adamw", "lion") else dion2_step_
             rule(p, grad, group, self.state[p], place=place, seed=self._seed, index=index)
         layout = LocalLayout(self._group, self._world_size, self._stats)
@@ -288,8 +288,9 @@ class Dion(torch.optim.Optimizer):
         """(group, param, grad) of every param to step (:func:`finite_gradients`)."""
         return finite_gradients(self.param_groups, self._group, self._world_size, self._stats)
 
-    def _sync_elementwise_grads(self, items: list[tuple[Any, ...]]) -> None:
-        """Average the element-wise params' gradients over the replicas (grad_sync=True).
+    def _sync_per_param_grads(self, items: list[tuple[Any, ...]]) -> None:
+        """Average the gradients of the params stepped one at a time (element-wise rules,
+        Dion2 and Muon with averaged gradients) over the replicas (grad_sync=True).
 
         Plain params average over the optimizer's group; sharded ones over the HSDP
         replicas given as ``process_group``.

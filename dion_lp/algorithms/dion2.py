@@ -61,6 +61,8 @@ __all__ = [
     "init_dion2_state",
     "newton_schulz",
     "selected_slices",
+    "slice_dim",
+    "top_slices",
 ]
 
 # Muon's quintic iteration (Jordan et al. 2024; torch.optim.Muon's defaults)
@@ -88,19 +90,28 @@ def newton_schulz(A: Tensor, steps: int = NS_STEPS, eps: float = NS_EPS) -> Tens
     return X.T if tall else X
 
 
+def slice_dim(shape: tuple[int, int], rows_only: bool = False) -> int:
+    """The dim Dion2 selects along: rows (0) when m <= n or ``rows_only``, else columns."""
+    return 0 if shape[0] <= shape[1] or rows_only else 1
+
+
+def top_slices(norms: Tensor, fraction: float, multiple_of: int) -> Tensor:
+    """Sorted indices of the ``k`` largest ``norms`` (one per slice), ``k = ceil(fraction *
+    slices)`` rounded up to ``multiple_of`` (as Dion's rank); all of them when k covers all."""
+    n = norms.numel()
+    k = dion_rank(n, n, fraction, multiple_of)
+    if k == n:
+        return torch.arange(n, device=norms.device)
+    return torch.topk(norms, k, sorted=False).indices.sort().values
+
+
 def selected_slices(
     B: Tensor, fraction: float, multiple_of: int, rows_only: bool = False
 ) -> tuple[int, Tensor]:
-    """(dim, sorted indices) of the slices Dion2 orthogonalizes: the ``k`` rows (m <= n or
-    ``rows_only``) or columns (m > n) of ``B`` (m, n) with the largest L1 norm, ``k =
-    ceil(fraction * slices)`` rounded up to ``multiple_of`` (as Dion's rank)."""
-    m, n = B.shape
-    dim = 0 if m <= n or rows_only else 1
-    k = dion_rank(B.shape[dim], B.shape[dim], fraction, multiple_of)
-    if k == B.shape[dim]:
-        return dim, torch.arange(k, device=B.device)
-    norms = B.abs().sum(dim=1 - dim)
-    return dim, torch.topk(norms, k, sorted=False).indices.sort().values
+    """(dim, sorted indices) of the slices Dion2 orthogonalizes: the rows or columns
+    (:func:`slice_dim`) of ``B`` (m, n) with the largest L1 norm (:func:`top_slices`)."""
+    dim = slice_dim(B.shape, rows_only)
+    return dim, top_slices(B.abs().sum(dim=1 - dim), fraction, multiple_of)
 
 
 def _normalize_rows_(U: Tensor, V: Tensor, idx: Tensor, beta2: float) -> Tensor:

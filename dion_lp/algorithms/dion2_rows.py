@@ -43,10 +43,9 @@ from torch import Tensor
 from ..dist.accounting import CommStats
 from ..dist.collectives import quantized_mean_
 from ..layouts.placement import placement
-from ..options import dion_rank
 from ..quant.buffer import QuantizedBuffer
 from ..quant.rng import stream_key
-from .dion2 import finish_, init_dion2_state, newton_schulz, rows_only
+from .dion2 import finish_, init_dion2_state, newton_schulz, rows_only, slice_dim, top_slices
 
 __all__ = ["SKETCH_COLUMNS", "dion2_rows_step_", "sketch_matrix"]
 
@@ -75,17 +74,15 @@ def dion2_rows_step_(
         if not st:
             init_dion2_state(p, group, st, placement(p))
         B = QuantizedBuffer(st, "momentum").read(add=grad.float())
-        m, n = p.shape
-        dim = 0 if m <= n or rows_only(group) else 1
+        dim = slice_dim(p.shape, rows_only(group))
         omega = sketch_matrix(B.shape[1 - dim], seed=seed, index=index, step=st["step"])
         mats.append((group, p, st, index, B, dim, (B if dim == 0 else B.T) @ omega.to(B.device)))
     quantized_mean_([mat[-1] for mat in mats], "fp32", process_group, stats)
     selected: dict[str, list[Tensor]] = {}
     chosen = []
     for group, p, st, index, B, dim, sketch in mats:
-        k = dion_rank(B.shape[dim], B.shape[dim], group["rank_fraction"], group["rank_multiple_of"])
         norms = sketch.square().sum(dim=1)
-        idx = torch.topk(norms, k, sorted=False).indices.sort().values
+        idx = top_slices(norms, group["rank_fraction"], group["rank_multiple_of"])
         rows = B.index_select(dim, idx)
         selected.setdefault(group["comm_dtype"], []).append(rows)
         chosen.append((group, p, st, index, B, dim, idx, rows))
